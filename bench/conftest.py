@@ -1,0 +1,29 @@
+"""``pytest bench/``: every case x provider, results written once the session ends."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import harness  # noqa: E402
+
+_ROWS = []
+
+
+@pytest.fixture(scope="session")
+def results():
+    return _ROWS
+
+
+def pytest_configure(config):
+    # The test suite's pytest.ini disables pytest-benchmark; here it must run.
+    if hasattr(config.option, "benchmark_disable"):
+        config.option.benchmark_disable = False
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _ROWS:
+        path = harness.write_results(_ROWS, harness.device())
+        print(f"\nbenchmark results written to {path}")

@@ -1,0 +1,191 @@
+"""Cases, providers and measurements of the benchmark protocol (``../shared/SPEC.md``).
+
+A provider turns a batch into a ``step()`` that runs one forward+backward of
+``compute_combined_loss``. Timing: CUDA events after warm-up on a GPU, ``perf_counter`` through
+pytest-benchmark on the CPU; medians in both. Peak extra memory: the CUDA allocator's peak on a
+GPU; on Linux CPUs the process's resident-set high-water mark (reset before the step, with
+glibc told to map large blocks so that frees show). Launches: kernels per step counted by the
+profiler on a GPU (none on a CPU).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from distill.backends import reference
+from distill.models import compute_combined_loss, create_stft_loss
+from distill.synthetic import realistic_batch
+from distill.training import LossConfig
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    batch: int
+    height: int
+    width: int
+    latent_dim: int
+
+
+CASES = {
+    "smoke": Case("smoke", 2, 128, 94, 128),
+    "user": Case("user", 32, 128, 94, 128),
+    "long": Case("long", 16, 128, 938, 128),
+}
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {model}, {torch.get_num_threads()} threads"
+
+
+def device_slug(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+    else:
+        name = f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def providers(dev: torch.device) -> List[str]:
+    names = ["reference", "reference+torch.compile", "torch"]
+    if dev.type == "cuda":
+        names.append("triton")
+    return names
+
+
+def make_step(provider: str, case: Case, dev: torch.device, seed: int = 0) -> Callable[[], None]:
+    """One forward+backward of the combined loss on a fresh realistic batch."""
+    recon, target, mu, logvar = realistic_batch(case.batch, case.height, case.width,
+                                                case.latent_dim, device=dev, seed=seed)
+    leaves = [t.requires_grad_() for t in (recon, mu, logvar)]
+    config = LossConfig()
+    stft_fn = create_stft_loss(config, dev)
+
+    if provider == "reference+torch.compile":
+        fn = torch.compile(lambda r, t, m, v: reference.combined_loss(
+            r, t, m, v, config, 0.01, stft_fn.settings)["total_loss"])
+    else:
+        backend = provider
+
+        def fn(r, t, m, v):
+            return compute_combined_loss(r, t, m, v, config, kl_weight=0.01,
+                                         _stft_loss_fn=stft_fn, backend=backend)["total_loss"]
+
+    def step() -> None:
+        for leaf in leaves:
+            leaf.grad = None
+        fn(recon, target, mu, logvar).backward()
+
+    return step
+
+
+def time_cuda(step: Callable[[], None], warmup: int = 10, reps: int = 50) -> float:
+    """Median milliseconds of ``step`` between CUDA events, after ``warmup`` calls."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _rss_kib(field: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_memory_mb(step: Callable[[], None], dev: torch.device) -> Optional[float]:
+    """Peak memory one step needs beyond what was allocated before it."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return None
+    base = _rss_kib("VmRSS")
+    step()
+    peak = _rss_kib("VmHWM")
+    if base is None or peak is None:
+        return None
+    return max(peak - base, 0) / 1024
+
+
+def count_launches(step: Callable[[], None], dev: torch.device) -> Optional[int]:
+    """Kernels one step launches on the GPU, from the profiler."""
+    if dev.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def write_results(rows: List[Dict], dev: torch.device) -> Path:
+    """``bench/results/<device-slug>.json`` with speed-ups over ``reference`` of the same run."""
+    ref = {r["case"]: r["median_ms"] for r in rows if r["provider"] == "reference"}
+    for row in rows:
+        base = ref.get(row["case"])
+        row["speedup_vs_reference"] = (round(base / row["median_ms"], 3)
+                                       if base and row["median_ms"] else None)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    doc = {
+        "device": device_name(dev),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "date": datetime.date.today().isoformat(),
+        "results": rows,
+    }
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"{device_slug(dev)}.json"
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path

@@ -1,0 +1,139 @@
+"""The training loss of a 2-channel (magnitude + IF) spectrogram VAE: the public API.
+
+``compute_combined_loss(recon, target, mu, logvar, loss_config, kl_weight)``::
+
+    mag_recon_loss = mean|rm - tm|
+    if_recon_loss  = mean(|ri - ti| * tm / (mean(tm) + 1e-8))
+    recon_loss     = w_rec * (w_mag * mag_recon_loss + w_if * if_recon_loss)
+    stft_loss      = max(MRSTFT(rm flattened, tm flattened), 0)
+    kl_loss        = mean_b sum_d max(-0.5 (1 + logvar - mu^2 - exp(logvar)), free_bits)
+    total_loss     = w_stft * stft_loss + recon_loss + kl_weight * kl_loss   (kl if kl_weight > 0)
+    total_loss     = recon_loss where total_loss is not finite (gradients: recon_loss's alone)
+
+with ``rm, ri = recon[:, 0], recon[:, 1]`` and ``tm, ti = target[:, 0], target[:, 1]``.
+The work is done by the backend that ``distill.backends.select_backend`` picks.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Dict, Optional
+
+import torch
+
+from ..backends import select_backend
+from ..mrstft import MRSTFTSettings, MultiResolutionSTFTLoss, settings_from_auraloss
+from ..training.config import LossConfig
+from ..validation import check_combined_inputs
+
+__all__ = ["compute_combined_loss", "create_stft_loss", "vae_loss", "get_kl_weight",
+           "compute_kl_divergence", "MultiResolutionSTFTLoss"]
+
+
+def create_stft_loss(loss_config: LossConfig, device=None) -> MultiResolutionSTFTLoss:
+    """The multi-resolution STFT loss of ``loss_config.stft``, ready for tensors on ``device``."""
+    cfg = loss_config.stft
+    module = MultiResolutionSTFTLoss(fft_sizes=cfg.fft_sizes, hop_sizes=cfg.hop_sizes,
+                                     win_lengths=cfg.win_lengths)
+    return module.to(device) if device is not None else module
+
+
+def _config_settings(loss_config: LossConfig) -> MRSTFTSettings:
+    """Settings of the config's default STFT loss, built once per distinct configuration."""
+    cfg = loss_config.stft
+    key = (tuple(cfg.fft_sizes), tuple(cfg.hop_sizes), tuple(cfg.win_lengths),
+           torch.get_default_dtype())
+    settings = _CONFIG_SETTINGS.get(key)
+    if settings is None:
+        settings = create_stft_loss(loss_config).settings
+        _CONFIG_SETTINGS[key] = settings
+    return settings
+
+
+_CONFIG_SETTINGS: Dict[tuple, MRSTFTSettings] = {}
+_AURALOSS_SETTINGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _stft_term(loss_config: LossConfig, stft_loss_fn):
+    """The settings the fast path computes, or the callable to call as given."""
+    if stft_loss_fn is None:
+        return _config_settings(loss_config)
+    if isinstance(stft_loss_fn, MultiResolutionSTFTLoss):
+        return stft_loss_fn.settings
+    settings = settings_from_auraloss(stft_loss_fn)
+    if settings is not None:
+        # Keep one settings object per auraloss instance (its per-device caches with it).
+        cached = _AURALOSS_SETTINGS.get(stft_loss_fn)
+        if cached is not None and _same_settings(cached, settings):
+            return cached
+        _AURALOSS_SETTINGS[stft_loss_fn] = settings
+        return settings
+    if not callable(stft_loss_fn):
+        raise TypeError("_stft_loss_fn must be a MultiResolutionSTFTLoss or a callable "
+                        f"(input, target) -> loss, got {type(stft_loss_fn).__name__}")
+    return stft_loss_fn
+
+
+def _same_settings(a: MRSTFTSettings, b: MRSTFTSettings) -> bool:
+    return (a.resolutions == b.resolutions
+            and (a.w_sc, a.w_log_mag, a.w_lin_mag, a.eps) == (b.w_sc, b.w_log_mag, b.w_lin_mag,
+                                                               b.eps)
+            and all(u is v for u, v in zip(a.windows, b.windows)))
+
+
+def compute_combined_loss(
+    recon: torch.Tensor,
+    target: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    loss_config: Optional[LossConfig] = None,
+    kl_weight: float = 0.0,
+    _stft_loss_fn=None,
+    *,
+    backend: Optional[str] = None,
+) -> Dict[str, torch.Tensor]:
+    """The combined VAE loss (see the module docstring) as a dict of 0-dim tensors with keys
+    ``total_loss, stft_loss, mag_recon_loss, if_recon_loss, kl_loss, recon_loss``.
+
+    ``_stft_loss_fn``: this project's ``MultiResolutionSTFTLoss`` (``create_stft_loss``), an
+    auraloss ``MultiResolutionSTFTLoss`` (run on the fast path when its settings allow, else
+    called as given), any callable ``(input, target) -> loss``, or ``None`` for the config's.
+    ``backend``: ``auto``, ``reference``, ``torch`` or ``triton``; default: the environment
+    variable ``DISTILL_LOSS_BACKEND``, else ``auto``.
+    """
+    if loss_config is None:
+        loss_config = LossConfig()
+    stft = _stft_term(loss_config, _stft_loss_fn)
+    check_combined_inputs(recon, target, mu, logvar, kl_weight, stft)
+    chosen = select_backend(recon.device, backend)
+    return chosen.combined_loss(recon, target, mu, logvar, loss_config, kl_weight, stft)
+
+
+def _free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> torch.Tensor:
+    kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+    return torch.clamp(kl, min=free_bits).sum(dim=1).mean()
+
+
+def vae_loss(recon, target, mu, logvar, kl_weight: float = 1.0, free_bits: float = 0.1):
+    """``(mse + kl_weight * kl, mse, kl)`` with the free-bits KL (just ``mse`` if
+    ``kl_weight <= 0``)."""
+    mse = torch.nn.functional.mse_loss(recon, target)
+    kl_loss = _free_bits_kl(mu, logvar, free_bits)
+    total = mse + kl_weight * kl_loss if kl_weight > 0 else mse
+    return total, mse, kl_loss
+
+
+def get_kl_weight(epoch: int, total_epochs: int, warmup_fraction: float = 0.3,
+                  kl_weight_max: float = 1.0) -> float:
+    """Linear KL warm-up: ``min(kl_weight_max, kl_weight_max * epoch / warmup_epochs)``."""
+    warmup_epochs = int(total_epochs * warmup_fraction)
+    if warmup_epochs == 0:
+        return kl_weight_max
+    return min(kl_weight_max, kl_weight_max * epoch / warmup_epochs)
+
+
+def compute_kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> float:
+    """The raw KL (no free bits), ``mean_b sum_d -0.5 (1 + logvar - mu^2 - exp(logvar))``, as a
+    python float (a host read: for logging, not for the training step)."""
+    kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+    return float(kl.sum(dim=1).mean())

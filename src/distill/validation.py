@@ -1,0 +1,65 @@
+"""Checks of ``compute_combined_loss``'s arguments, all made before any work is done."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from .mrstft import MRSTFTSettings
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must have a floating-point dtype (float16, bfloat16, float32 "
+                        f"or float64), got {t.dtype}")
+
+
+def check_combined_inputs(recon, target, mu, logvar, kl_weight, settings) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the argument and what was expected."""
+    for name, t in (("recon", recon), ("target", target), ("mu", mu), ("logvar", logvar)):
+        _check_tensor(name, t)
+    for name, t in (("recon", recon), ("target", target)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, 2, H, W], got shape {tuple(t.shape)}")
+        if t.shape[1] != 2:
+            raise ValueError(f"{name} must have 2 channels (magnitude, IF) in dim 1, "
+                             f"got shape {tuple(t.shape)}")
+    if recon.shape != target.shape:
+        raise ValueError(f"recon and target must have the same shape, got {tuple(recon.shape)} "
+                         f"and {tuple(target.shape)}")
+    if recon.shape[0] == 0:
+        raise ValueError(f"recon must hold at least one item, got batch size 0 "
+                         f"(shape {tuple(recon.shape)})")
+    for name, t in (("mu", mu), ("logvar", logvar)):
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [B, D], got shape {tuple(t.shape)}")
+    if mu.shape != logvar.shape:
+        raise ValueError(f"mu and logvar must have the same shape [B, D], got {tuple(mu.shape)} "
+                         f"and {tuple(logvar.shape)}")
+    if mu.shape[0] != recon.shape[0]:
+        raise ValueError(f"mu must be [B, D] with B = {recon.shape[0]} (the batch of recon), "
+                         f"got shape {tuple(mu.shape)}")
+    if mu.shape[1] == 0:
+        raise ValueError(f"mu must have at least one latent dim, got shape {tuple(mu.shape)}")
+    devices = {t.device for t in (recon, target, mu, logvar)}
+    if len(devices) > 1:
+        raise ValueError("recon, target, mu and logvar must be on one device, got "
+                         f"{recon.device}, {target.device}, {mu.device} and {logvar.device}")
+    if isinstance(kl_weight, torch.Tensor):
+        if kl_weight.numel() != 1 or kl_weight.device not in (recon.device, torch.device("cpu")):
+            raise ValueError(f"kl_weight must be a python float (or a one-element tensor on the "
+                             f"inputs' device), got shape {tuple(kl_weight.shape)} on "
+                             f"{kl_weight.device}")
+    elif isinstance(kl_weight, bool) or not isinstance(kl_weight, numbers.Real):
+        raise TypeError(f"kl_weight must be a python float, got {type(kl_weight).__name__}")
+    if isinstance(settings, MRSTFTSettings):
+        length = recon.shape[2] * recon.shape[3]
+        if length < settings.min_length:
+            raise ValueError(
+                f"recon's flattened spectrogram (H*W = {length} samples) is too short for the "
+                f"STFT loss with fft size {max(r.n_fft for r in settings.resolutions)}: "
+                f"H*W must be at least {settings.min_length}"
+            )

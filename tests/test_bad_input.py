@@ -1,0 +1,81 @@
+"""Every bad input of the spec gets TypeError/ValueError naming the argument, before any work."""
+
+import pytest
+import torch
+
+from conftest import FAST_BACKENDS
+from distill.models import compute_combined_loss
+
+B, H, W, D = 2, 16, 67, 8
+
+
+def good():
+    return dict(recon=torch.randn(B, 2, H, W), target=torch.randn(B, 2, H, W),
+                mu=torch.randn(B, D), logvar=torch.randn(B, D))
+
+
+def with_(**changes):
+    args = good()
+    args.update(changes)
+    return args
+
+
+CASES = {
+    "recon-3d": (with_(recon=torch.randn(B, 2, H * W)), ValueError, "recon.*4-D"),
+    "target-5d": (with_(target=torch.randn(B, 2, H, W, 1)), ValueError, "target.*4-D"),
+    "recon-3-channels": (with_(recon=torch.randn(B, 3, H, W)), ValueError, "recon.*2 channels"),
+    "both-1-channel": (with_(recon=torch.randn(B, 1, H, W), target=torch.randn(B, 1, H, W)),
+                       ValueError, "recon.*2 channels"),
+    "shape-mismatch": (with_(target=torch.randn(B, 2, H, W + 1)), ValueError,
+                       "recon and target.*same shape"),
+    "mu-1d": (with_(mu=torch.randn(B * D)), ValueError, "mu.*2-D"),
+    "logvar-3d": (with_(logvar=torch.randn(B, D, 1)), ValueError, "logvar.*2-D"),
+    "mu-logvar-mismatch": (with_(logvar=torch.randn(B, D + 1)), ValueError, "mu and logvar"),
+    "latent-batch-mismatch": (with_(mu=torch.randn(B + 1, D), logvar=torch.randn(B + 1, D)),
+                              ValueError, "mu must be .B, D. with B = 2"),
+    "integer-recon": (with_(recon=torch.randint(0, 5, (B, 2, H, W))), TypeError,
+                      "recon.*floating-point"),
+    "complex-target": (with_(target=torch.randn(B, 2, H, W, dtype=torch.complex64)), TypeError,
+                       "target.*floating-point"),
+    "integer-logvar": (with_(logvar=torch.zeros(B, D, dtype=torch.int64)), TypeError,
+                       "logvar.*floating-point"),
+    "empty-batch": (with_(recon=torch.randn(0, 2, H, W), target=torch.randn(0, 2, H, W),
+                          mu=torch.randn(0, D), logvar=torch.randn(0, D)), ValueError,
+                    "batch size 0"),
+    "too-short": (with_(recon=torch.randn(B, 2, 8, 128), target=torch.randn(B, 2, 8, 128)),
+                  ValueError, "at least 1025"),
+    "not-a-tensor": (with_(mu=[[0.0] * D] * B), TypeError, "mu must be a torch.Tensor"),
+    "meta-device": (with_(mu=torch.randn(B, D, device="meta")), ValueError, "one device"),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_rejected_before_any_work(backend, name, monkeypatch):
+    args, error, pattern = CASES[name]
+    snapshot = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+    import distill.backends as backends
+
+    def no_work(*a, **k):
+        raise AssertionError("backend reached with bad input")
+
+    monkeypatch.setattr(backends, "select_backend", no_work)
+    monkeypatch.setattr("distill.models.losses.select_backend", no_work)
+    with pytest.raises(error, match=pattern):
+        compute_combined_loss(**args, kl_weight=0.1, backend=backend)
+    for key, value in args.items():
+        if isinstance(value, torch.Tensor) and value.device.type != "meta":
+            assert torch.equal(value, snapshot[key])
+
+
+def test_kl_weight_must_be_a_number():
+    with pytest.raises(TypeError, match="kl_weight"):
+        compute_combined_loss(**good(), kl_weight="0.1")
+
+
+def test_non_finite_values_are_not_an_error():
+    args = good()
+    args["recon"][0, 0, 0, 0] = float("nan")
+    out = compute_combined_loss(**args, kl_weight=0.1, backend="torch")
+    assert torch.isnan(out["total_loss"])

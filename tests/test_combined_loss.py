@@ -1,0 +1,141 @@
+"""Every fast backend against the auraloss oracle: values and gradients, float64 and float32,
+noise and realistic magnitudes, fresh random inputs, odd and small sizes."""
+
+import pytest
+import torch
+
+from conftest import FAST_BACKENDS, assert_matches_oracle, make_batch, run_loss
+from distill.training import LossConfig, STFTLossConfig
+
+DTYPES = [torch.float64, torch.float32]
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("kind", ["noise", "realistic"])
+def test_default_config_matches_oracle(backend, dtype, kind, seed):
+    batch = make_batch(kind, torch.float64, seed)
+    assert_matches_oracle(batch, backend, dtype, loss_config=LossConfig(), kl_weight=0.01)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 16, 67), (3, 13, 81), (2, 31, 35)],
+                         ids=["B1", "oddHW", "oddH-oddW"])
+def test_odd_shapes_and_single_item(backend, shape, seed):
+    b, h, w = shape
+    batch = make_batch("realistic", torch.float64, seed, batch=b, height=h, width=w,
+                       latent_dim=5)
+    assert_matches_oracle(batch, backend, torch.float64, kl_weight=0.5)
+
+
+STFT_CONFIGS = {
+    "short-window": STFTLossConfig(fft_sizes=(64, 128), hop_sizes=(16, 32),
+                                   win_lengths=(40, 101)),
+    "hop-not-dividing": STFTLossConfig(fft_sizes=(100, 60), hop_sizes=(24, 7),
+                                       win_lengths=(100, 60)),
+    "non-power-of-two": STFTLossConfig(fft_sizes=(77, 300), hop_sizes=(20, 75),
+                                       win_lengths=(77, 240)),
+    "auraloss-defaults": STFTLossConfig(fft_sizes=(1024, 2048, 512), hop_sizes=(120, 240, 50),
+                                        win_lengths=(600, 1200, 240)),
+    "single-resolution": STFTLossConfig(fft_sizes=(256,), hop_sizes=(64,), win_lengths=(256,)),
+}
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("name", list(STFT_CONFIGS))
+def test_non_default_stft_settings(backend, dtype, name, seed):
+    config = LossConfig(stft=STFT_CONFIGS[name])
+    batch = make_batch("realistic", torch.float64, seed, height=16, width=71)
+    assert_matches_oracle(batch, backend, dtype, loss_config=config, kl_weight=0.01)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+def test_gradient_for_target(backend, dtype, seed):
+    batch = make_batch("realistic", torch.float64, seed)
+    assert_matches_oracle(batch, backend, dtype, grad_target=True, kl_weight=0.01)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("kl_weight", [0.0, -1.0, 2.0])
+def test_kl_weight_gates_the_kl_term(backend, kl_weight, seed):
+    batch = make_batch("noise", torch.float64, seed)
+    out, grads = assert_matches_oracle(batch, backend, torch.float64, kl_weight=kl_weight)
+    if kl_weight <= 0:
+        assert torch.equal(grads[2], torch.zeros_like(grads[2]))
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_free_bits_boundary_and_weights(backend, seed):
+    """Elements exactly at the free-bits floor (mu=0, logvar=0 gives k=0) get the clamp's
+    gradient; non-default weights everywhere."""
+    recon, target, mu, logvar = make_batch("realistic", torch.float64, seed)
+    mu[:, :3] = 0.0
+    logvar[:, :3] = 0.0
+    config = LossConfig()
+    config.kl.free_bits = 0.0
+    config.reconstruction.weight, config.reconstruction.if_weight = 0.7, 1.3
+    config.stft.weight = 2.5
+    assert_matches_oracle((recon, target, mu, logvar), backend, torch.float64,
+                          loss_config=config, kl_weight=0.3)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_half_precision_inputs_computed_in_float32(backend, dtype, seed):
+    batch = make_batch("realistic", torch.float64, seed)
+    half = [t.to(dtype) for t in batch]
+    out, grads = run_loss(half, backend)
+    ref_out, _ = run_loss([t.float() for t in half], "reference")
+    for key in out:
+        assert out[key].dtype == torch.float32
+        torch.testing.assert_close(out[key], ref_out[key], rtol=1e-5, atol=0)
+    assert all(g.dtype == dtype for g in grads)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_non_contiguous_and_channels_last_inputs(backend, seed):
+    recon, target, mu, logvar = make_batch("realistic", torch.float32, seed, width=70)
+    ref, ref_grads = run_loss((recon, target, mu, logvar), backend)
+
+    cl = [t.contiguous(memory_format=torch.channels_last) for t in (recon, target)]
+    wide = [strided_copy(t) for t in (recon, target)]
+    for r, t in (cl, wide):
+        assert not r.is_contiguous()
+        r = r.detach().requires_grad_()
+        out = compute(backend, r, t, mu, logvar)
+        out["total_loss"].backward()
+        for key in ref:
+            torch.testing.assert_close(out[key].detach(), ref[key], rtol=1e-6, atol=0)
+        torch.testing.assert_close(r.grad, ref_grads[0], rtol=1e-5, atol=1e-9)
+
+
+def strided_copy(t):
+    """The same values as ``t`` in a view with a stride of 2 along the last axis."""
+    big = torch.full(t.shape[:-1] + (2 * t.shape[-1],), float("nan"), dtype=t.dtype)
+    big[..., ::2] = t
+    return big[..., ::2]
+
+
+def compute(backend, *tensors, **kwargs):
+    from distill.models import compute_combined_loss
+    return compute_combined_loss(*tensors, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
+def test_output_keys_dtype_and_device(backend, seed):
+    batch = make_batch("noise", torch.float32, seed)
+    out = compute(backend, *batch)
+    assert list(out) == ["total_loss", "stft_loss", "mag_recon_loss", "if_recon_loss",
+                         "kl_loss", "recon_loss"]
+    assert all(v.shape == () and v.dtype == torch.float32 and v.device.type == "cpu"
+               for v in out.values())
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_inputs_left_unchanged(backend, seed):
+    batch = make_batch("noise", torch.float32, seed)
+    before = [t.clone() for t in batch]
+    run_loss(batch, backend)
+    assert all(torch.equal(a, b) for a, b in zip(batch, before))

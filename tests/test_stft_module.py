@@ -1,0 +1,134 @@
+"""``create_stft_loss`` / ``MultiResolutionSTFTLoss`` against auraloss, and the ways
+``compute_combined_loss`` takes an ``_stft_loss_fn``."""
+
+import auraloss
+import pytest
+import torch
+
+from conftest import FAST_BACKENDS, assert_matches_oracle, make_batch, rel_err, run_loss
+from distill.models import MultiResolutionSTFTLoss, compute_combined_loss, create_stft_loss
+from distill.training import LossConfig
+
+MODULE_SETTINGS = [
+    dict(fft_sizes=[512, 1024, 2048], hop_sizes=[128, 256, 512], win_lengths=[512, 1024, 2048]),
+    dict(),  # auraloss's own defaults
+    dict(fft_sizes=[90, 64], hop_sizes=[33, 16], win_lengths=[61, 64], w_sc=0.5, w_log_mag=2.0,
+         w_lin_mag=0.7),
+    dict(fft_sizes=[128], hop_sizes=[32], win_lengths=[100], window="hamming_window",
+         w_sc=0.0, eps=1e-6),
+]
+
+
+def _signals(seed, dtype, batch=2, channels=2, length=2100):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, length, generator=g, dtype=torch.float64)
+    y = torch.randn(batch, channels, length, generator=g, dtype=torch.float64)
+    return x.to(dtype), y.to(dtype)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("settings", MODULE_SETTINGS, ids=["spec", "auraloss-defaults",
+                                                           "weights-short-windows", "hamming"])
+def test_module_matches_auraloss(backend, dtype, settings, seed):
+    x64, y64 = _signals(seed, torch.float64)
+    ref_module = auraloss.freq.MultiResolutionSTFTLoss(**settings)
+    ours = MultiResolutionSTFTLoss(**settings, backend=backend)
+
+    def value_and_grads(module, dt):
+        x, y = (t.detach().to(dt).requires_grad_() for t in (x64, y64))
+        loss = module(x, y)
+        loss.backward()
+        return loss.detach(), x.grad, y.grad
+
+    ref = value_and_grads(ref_module, torch.float64)
+    got = value_and_grads(ours, dtype)
+    assert got[0].dtype == dtype
+    if dtype == torch.float64:
+        assert rel_err(got[0], ref[0]) <= 1e-10
+        assert rel_err(got[1], ref[1]) <= 1e-8 and rel_err(got[2], ref[2]) <= 1e-8
+    else:
+        ref32 = value_and_grads(ref_module, torch.float32)
+        assert rel_err(got[0], ref[0]) <= 1e-5
+        for i in (1, 2):
+            assert rel_err(got[i], ref[i]) <= max(1e-3, 2 * rel_err(ref32[i], ref[i]))
+
+
+def test_create_stft_loss_reads_the_config():
+    config = LossConfig()
+    config.stft.fft_sizes, config.stft.hop_sizes, config.stft.win_lengths = (64,), (16,), (48,)
+    module = create_stft_loss(config, "cpu")
+    assert isinstance(module, MultiResolutionSTFTLoss)
+    assert (module.fft_sizes, module.hop_sizes, module.win_lengths) == ([64], [16], [48])
+
+
+def test_module_rejects_short_signals():
+    module = MultiResolutionSTFTLoss(fft_sizes=[512], hop_sizes=[128], win_lengths=[512])
+    x = torch.randn(1, 1, 256)
+    with pytest.raises(ValueError, match="257"):
+        module(x, x)
+    module(torch.randn(1, 1, 257), torch.randn(1, 1, 257))
+
+
+@pytest.mark.parametrize("bad", [dict(fft_sizes=[64], hop_sizes=[16, 8], win_lengths=[64]),
+                                 dict(fft_sizes=[64], hop_sizes=[0], win_lengths=[64]),
+                                 dict(fft_sizes=[64], hop_sizes=[16], win_lengths=[65]),
+                                 dict(window="no_such_window")])
+def test_module_rejects_bad_settings(bad):
+    with pytest.raises(ValueError):
+        MultiResolutionSTFTLoss(**bad)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("kind", ["ours", "auraloss"])
+def test_stft_loss_fn_on_the_fast_path(backend, kind, seed):
+    settings = dict(fft_sizes=[256, 128], hop_sizes=[64, 50], win_lengths=[200, 128],
+                    w_lin_mag=0.3)
+    fn = (MultiResolutionSTFTLoss(**settings) if kind == "ours"
+          else auraloss.freq.MultiResolutionSTFTLoss(**settings))
+    ref_fn = auraloss.freq.MultiResolutionSTFTLoss(**settings)
+    batch = make_batch("realistic", torch.float64, seed)
+    ref_out, ref_grads = run_loss(batch, "reference", _stft_loss_fn=ref_fn, kl_weight=0.1)
+    out, grads = run_loss(batch, backend, _stft_loss_fn=fn, kl_weight=0.1)
+    for key in out:
+        assert rel_err(out[key], ref_out[key]) <= 1e-10
+    for g, g_ref in zip(grads, ref_grads):
+        assert rel_err(g, g_ref) <= 1e-8
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_unsupported_auraloss_instance_is_called_as_given(backend, seed, monkeypatch):
+    fn = auraloss.freq.MultiResolutionSTFTLoss(fft_sizes=[256], hop_sizes=[64],
+                                               win_lengths=[256], w_phs=0.5)
+    calls = []
+    original = type(fn).forward
+
+    def counting_forward(self, x, y):
+        calls.append(x.shape)
+        return original(self, x, y)
+
+    monkeypatch.setattr(type(fn), "forward", counting_forward)
+    batch = make_batch("noise", torch.float64, seed)
+    ref_out, ref_grads = run_loss(batch, "reference", _stft_loss_fn=fn)
+    n_ref = len(calls)
+    out, grads = run_loss(batch, backend, _stft_loss_fn=fn)
+    assert n_ref == 1 and len(calls) == 2
+    for key in out:
+        assert rel_err(out[key], ref_out[key]) <= 1e-12
+    for g, g_ref in zip(grads, ref_grads):
+        assert rel_err(g, g_ref) <= 1e-12
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_any_callable_as_stft_loss_fn(backend, seed):
+    def l2(x, y):
+        return ((x - y) ** 2).mean()
+
+    batch = make_batch("noise", torch.float64, seed)
+    assert_matches_oracle(batch, backend, torch.float64, _stft_loss_fn=l2)
+
+
+def test_non_callable_stft_loss_fn_is_a_type_error(seed):
+    batch = make_batch("noise", torch.float32, seed)
+    with pytest.raises(TypeError, match="_stft_loss_fn"):
+        compute_combined_loss(*batch, _stft_loss_fn=42)

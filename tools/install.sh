@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set-up for a fresh machine: a virtual environment in $1 (default .venv) holding this package,
+# its test and benchmark extras, and torch. torch is installed only when it is missing, and
+# then pinned through constraints.txt (the CPU wheel these machines carry), so that set-up
+# never pulls a CUDA build onto a CPU-only machine.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${1:-$here/.venv}"
+python="${PYTHON:-python3}"
+
+if [ ! -x "$venv/bin/python" ]; then
+    # System site-packages stay visible so that an installed torch (e.g. a CUDA build) is reused.
+    "$python" -m venv --system-site-packages "$venv"
+fi
+py="$venv/bin/python"
+
+pin=()
+if ! "$py" -c "import torch" >/dev/null 2>&1; then
+    pin=(-c "$here/constraints.txt")
+fi
+"$py" -m pip install -q --disable-pip-version-check "${pin[@]}" -e "$here[test,bench]"
+"$py" -c "import torch, distill; print('distill ready: torch', torch.__version__)"
