@@ -139,3 +139,13 @@ def test_inputs_left_unchanged(backend, seed):
     before = [t.clone() for t in batch]
     run_loss(batch, backend)
     assert all(torch.equal(a, b) for a, b in zip(batch, before))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [b for b in FAST_BACKENDS if b != "triton"])
+@pytest.mark.parametrize("kind", ["noise", "realistic"])
+def test_user_case_float32(backend, kind, seed):
+    """The spec's user case: float32 sums over ~1e6 spectrogram bins must stay within 1e-5."""
+    batch = make_batch(kind, torch.float64, seed, batch=32, height=128, width=94,
+                       latent_dim=128)
+    assert_matches_oracle(batch, backend, torch.float32, kl_weight=0.01)
