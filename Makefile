@@ -17,7 +17,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 bench: $(VENV)/.installed
-	MALLOC_MMAP_THRESHOLD_=65536 $(PY) -m pytest -q bench -p no:cacheprovider
+	$(PY) -m pytest -q bench -p no:cacheprovider
 	$(PY) bench/render.py
 
 render: $(VENV)/.installed

@@ -3,8 +3,7 @@
 A provider turns a batch into a ``step()`` that runs one forward+backward of
 ``compute_combined_loss``. Timing: CUDA events after warm-up on a GPU, ``perf_counter`` through
 pytest-benchmark on the CPU; medians in both. Peak extra memory: the CUDA allocator's peak on a
-GPU; on Linux CPUs the process's resident-set high-water mark (reset before the step, with
-glibc told to map large blocks so that frees show). Launches: kernels per step counted by the
+GPU; on a CPU, the peak of the running sum of the profiler's allocation events. Launches: kernels per step counted by the
 profiler on a GPU (none on a CPU).
 """
 
@@ -121,18 +120,9 @@ def time_cuda(step: Callable[[], None], warmup: int = 10, reps: int = 50) -> flo
     return times[len(times) // 2]
 
 
-def _rss_kib(field: str) -> Optional[int]:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def peak_memory_mb(step: Callable[[], None], dev: torch.device) -> Optional[float]:
-    """Peak memory one step needs beyond what was allocated before it."""
+    """Peak memory one step allocates beyond what was allocated before it: the CUDA
+    allocator's peak on a GPU; on a CPU, the running sum of the profiler's allocation events."""
     if dev.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated(dev)
@@ -140,16 +130,18 @@ def peak_memory_mb(step: Callable[[], None], dev: torch.device) -> Optional[floa
         step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated(dev) - base) / 2**20
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    except OSError:
-        return None
-    base = _rss_kib("VmRSS")
-    step()
-    peak = _rss_kib("VmHWM")
-    if base is None or peak is None:
-        return None
-    return max(peak - base, 0) / 1024
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
+                    key=lambda e: e.start_ns())
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak / 2**20
 
 
 def count_launches(step: Callable[[], None], dev: torch.device) -> Optional[int]:
