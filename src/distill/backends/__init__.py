@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -21,16 +21,32 @@ NAMES = ("auto", "reference", "torch", "triton")
 _MODULES = {"reference": ".reference", "torch": ".torch_backend", "triton": ".triton_backend"}
 
 
+# Backend modules by name. The light ones are imported here; ``triton`` on first use (Triton
+# is optional). ``create_stft_loss(config, device)`` resolves the device's backend once per
+# run, so that a step traced by torch.compile finds it here instead of tracing an import.
+_LOADED: Dict[str, ModuleType] = {
+    "reference": importlib.import_module(".reference", __name__),
+    "torch": importlib.import_module(".torch_backend", __name__),
+}
+_IMPORT_FAILED: Dict[str, str] = {}
+
+
+def _load(name: str) -> Optional[ModuleType]:
+    """Backend module ``name``, imported once; ``None`` if it does not import."""
+    if name not in _LOADED and name not in _IMPORT_FAILED:
+        try:
+            _LOADED[name] = importlib.import_module(_MODULES[name], __name__)
+        except ImportError as exc:
+            _IMPORT_FAILED[name] = str(exc)
+    return _LOADED.get(name)
+
+
 def _triton_usable(device: torch.device) -> bool:
     """Triton runs CUDA tensors, and CPU tensors under its interpreter."""
     interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
     if device.type != "cuda" and not interpreted:
         return False
-    try:
-        importlib.import_module(_MODULES["triton"], __name__)
-    except ImportError:
-        return False
-    return True
+    return _load("triton") is not None
 
 
 def available_backends(device: torch.device) -> List[str]:
@@ -53,4 +69,4 @@ def select_backend(device, name: Optional[str] = None) -> ModuleType:
     elif requested not in available_backends(device):
         raise ValueError(f"loss backend {requested!r} is not available for {device.type} tensors "
                          f"here; available: {', '.join(['auto'] + available_backends(device))}")
-    return importlib.import_module(_MODULES[requested], __name__)
+    return _load(requested)

@@ -31,9 +31,9 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor):
 
 def assemble_combined_loss(recon, target, mu, logvar, config, kl_weight, stft: StftTerm, *,
                            recon_terms, free_bits_kl, mrstft_loss) -> Dict[str, torch.Tensor]:
-    """Spec steps 1-7 from a backend's term functions. No value is read back to the host."""
+    """Spec steps 1-7 from a backend's term functions, which take the inputs in their own
+    dtypes and return float32 (float64 for float64 inputs). No value is read back to the host."""
     dtype = compute_dtype(recon, target, mu, logvar)
-    recon, target, mu, logvar = (t.to(dtype) for t in (recon, target, mu, logvar))
     batch = recon.shape[0]
 
     mag_loss, if_loss = recon_terms(recon, target)
@@ -45,7 +45,7 @@ def assemble_combined_loss(recon, target, mu, logvar, config, kl_weight, stft: S
     if isinstance(stft, MRSTFTSettings):
         stft_loss = mrstft_loss(x, y, stft)
     else:
-        stft_loss = stft(x, y).to(dtype)
+        stft_loss = stft(x.to(dtype), y.to(dtype)).to(dtype)
     stft_loss = stft_loss.clamp_min(0.0)
 
     kl_loss = free_bits_kl(mu, logvar, config.kl.free_bits)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..mrstft import MRSTFTSettings
-from .common import assemble_combined_loss, scale_saved_grad
+from .common import assemble_combined_loss, compute_dtype, scale_saved_grad
 
 name = "torch"
 
@@ -82,7 +82,8 @@ def _cached(settings: MRSTFTSettings, key, make):
 
 def _mrstft_value_and_grads(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings,
                             grad_x: bool, grad_y: bool):
-    """MRSTFT of ``x, y`` (``[S, T]``, same dtype) and, when asked, its gradients.
+    """MRSTFT of ``x, y`` (``[S, T]``, same dtype) and, when asked, its gradients: ``[S, T]``
+    for one of them, ``[2S, T]`` (x's rows, then y's) for both, else ``None``.
 
     Per resolution, with ``P = max(|X|^2, eps)``, ``Mx = sqrt(Px)``, ``D = Mx - My``,
     ``K = numel(Mx)``, ``num = ||D||``, ``den = ||My||``, ``s = sign(ln Mx - ln My)`` and R
@@ -153,13 +154,9 @@ def _mrstft_value_and_grads(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSe
                        lambda: _half_spectrum_weights(res.n_fft, device, dtype))
         coef.masked_fill_(clamped[grad_rows], 0.0).mul_(half)
         res_grad = _stft_adjoint(spec[grad_rows] * coef, window, res.hop, both[grad_rows])
-        grad = res_grad if grad is None else grad.add_(res_grad)
+        grad = res_grad if grad is None else grad + res_grad
 
-    if grad is None:
-        return loss, None, None
-    gx = grad[:signals] if grad_x else None
-    gy = grad[-signals:] if grad_y else None
-    return loss, gx, gy
+    return loss, grad
 
 
 class _MRSTFTLoss(torch.autograd.Function):
@@ -168,20 +165,25 @@ class _MRSTFTLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, settings):
-        loss, gx, gy = _mrstft_value_and_grads(
+        loss, grad = _mrstft_value_and_grads(
             x, y, settings, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        ctx.save_for_backward(gx, gy)
+        ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        gx, gy = ctx.saved_tensors
-        return scale_saved_grad(gx, grad_output), scale_saved_grad(gy, grad_output), None
+        (grad,) = ctx.saved_tensors
+        grad = scale_saved_grad(grad, grad_output)
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+            gx, gy = grad.chunk(2)
+        else:
+            gx, gy = (grad, None) if ctx.needs_input_grad[0] else (None, grad)
+        return gx, gy, None
 
 
 def mrstft_loss(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings) -> torch.Tensor:
     """MRSTFT of ``[B, C, T]`` signals (half precision computed in float32)."""
-    dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+    dtype = compute_dtype(x, y)
     length = x.shape[-1]
     return _MRSTFTLoss.apply(x.reshape(-1, length).to(dtype), y.reshape(-1, length).to(dtype),
                              settings)
@@ -194,6 +196,8 @@ def mrstft_loss(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings) -> t
 def recon_terms(recon: torch.Tensor, target: torch.Tensor):
     """``mean|rm - tm|`` and ``mean(|ri - ti| * tm) / (mean(tm) + 1e-8)``, through autograd
     (a handful of passes over ``[B, H, W]``; the gradient for ``target`` comes for free)."""
+    dtype = compute_dtype(recon, target)
+    recon, target = recon.to(dtype), target.to(dtype)
     rm, ri, tm, ti = recon[:, 0], recon[:, 1], target[:, 0], target[:, 1]
     mag = (rm - tm).abs().mean()
     if_loss = ((ri - ti).abs() * tm).mean() / (tm.mean() + 1e-8)
@@ -227,7 +231,8 @@ class _FreeBitsKL(torch.autograd.Function):
 
 
 def free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> torch.Tensor:
-    return _FreeBitsKL.apply(mu, logvar, float(free_bits))
+    dtype = compute_dtype(mu, logvar)
+    return _FreeBitsKL.apply(mu.to(dtype), logvar.to(dtype), float(free_bits))
 
 
 def combined_loss(recon, target, mu, logvar, config, kl_weight, stft):

@@ -35,7 +35,10 @@ def create_stft_loss(loss_config: LossConfig, device=None) -> MultiResolutionSTF
     cfg = loss_config.stft
     module = MultiResolutionSTFTLoss(fft_sizes=cfg.fft_sizes, hop_sizes=cfg.hop_sizes,
                                      win_lengths=cfg.win_lengths)
-    return module.to(device) if device is not None else module
+    if device is not None:
+        select_backend(device)  # imports the device's backend now, outside any compiled step
+        module = module.to(device)
+    return module
 
 
 def _config_settings(loss_config: LossConfig) -> MRSTFTSettings:

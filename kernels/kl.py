@@ -1,0 +1,144 @@
+"""Free-bits KL, value and gradients in one pass over ``mu`` and ``logvar``.
+
+For ``mu, logvar`` of shape ``[B, D]`` and ``k = -0.5 (1 + logvar - mu^2 - exp(logvar))``::
+
+    kl = (1 / B) sum_{b, d} max(k, free_bits)
+
+    dkl/dmu     = mu / B                      where k >= free_bits, else 0
+    dkl/dlogvar = 0.5 (exp(logvar) - 1) / B   where k >= free_bits, else 0
+
+(``torch.clamp`` passes the gradient at the boundary ``k == free_bits``, and so does this.)
+
+``_kl_forward_kernel`` is a single program looping over ``[B, D]`` in tiles: a VAE's latent is
+small (``B*D`` in the thousands), so one program is as fast as a two-stage reduction, needs no
+partials buffer and no second launch, and sums in a fixed order. It writes the gradients in the
+same pass; ``_kl_backward_kernel`` scales them by the incoming gradient, where an incoming
+exact zero gives exactly zero (the non-finite guard sends zero, and ``0 * inf`` must not reach
+an input).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import accumulator_dtype, empty, register_fake, tl_dtype, triton_op, wrap_triton
+
+BLOCK = 1024
+
+
+@triton.jit
+def _kl_forward_kernel(
+    mu_ptr, logvar_ptr, kl_ptr, grad_mu_ptr, grad_logvar_ptr,
+    n_elements, latent_dim, mu_sb, mu_sd, lv_sb, lv_sd, free_bits, inv_batch,
+    WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    total = tl.zeros([BLOCK], dtype=ACC)
+    for start in range(0, n_elements, BLOCK):
+        index = start + tl.arange(0, BLOCK).to(tl.int64)
+        mask = index < n_elements
+        b = index // latent_dim
+        d = index - b * latent_dim
+        mu = tl.load(mu_ptr + b * mu_sb + d * mu_sd, mask=mask, other=0.0).to(ACC)
+        logvar = tl.load(logvar_ptr + b * lv_sb + d * lv_sd, mask=mask, other=0.0).to(ACC)
+        var = tl.exp(logvar)
+        k = -0.5 * (1.0 + logvar - mu * mu - var)
+        # torch.clamp(k, min=free_bits): NaN stays NaN.
+        clamped = tl.where(k < free_bits, free_bits, k)
+        total += tl.where(mask, clamped, 0.0)
+        if WRITE_GRAD:
+            active = k >= free_bits
+            dtype = grad_mu_ptr.dtype.element_ty
+            tl.store(grad_mu_ptr + index, tl.where(active, mu * inv_batch, 0.0).to(dtype),
+                     mask=mask)
+            tl.store(grad_logvar_ptr + index,
+                     tl.where(active, 0.5 * (var - 1.0) * inv_batch, 0.0).to(dtype), mask=mask)
+    tl.store(kl_ptr, tl.sum(total, axis=0) * inv_batch)
+
+
+@triton.jit
+def _kl_backward_kernel(
+    grad_mu_ptr, grad_logvar_ptr, grad_out_ptr, out_mu_ptr, out_logvar_ptr, n_elements,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """``out = saved * grad_out``, and exactly 0 where ``grad_out == 0``."""
+    pid = tl.program_id(0)
+    index = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = index < n_elements
+    grad_out = tl.load(grad_out_ptr).to(ACC)
+    g_mu = tl.load(grad_mu_ptr + index, mask=mask, other=0.0)
+    g_lv = tl.load(grad_logvar_ptr + index, mask=mask, other=0.0)
+    scale_mu = tl.where(grad_out != 0, g_mu * grad_out, 0.0)
+    scale_lv = tl.where(grad_out != 0, g_lv * grad_out, 0.0)
+    tl.store(out_mu_ptr + index, scale_mu.to(out_mu_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_logvar_ptr + index, scale_lv.to(out_logvar_ptr.dtype.element_ty), mask=mask)
+
+
+def _forward_outputs(mu: torch.Tensor, logvar: torch.Tensor, write_grad: bool):
+    acc = accumulator_dtype(mu, logvar)
+    shape = mu.shape if write_grad else (0,)
+    return (empty((), acc, mu.device), empty(shape, acc, mu.device),
+            empty(shape, acc, mu.device))
+
+
+def _backward_outputs(grad_mu, grad_logvar, mu_dtype, logvar_dtype):
+    return (empty(grad_mu.shape, mu_dtype, grad_mu.device),
+            empty(grad_logvar.shape, logvar_dtype, grad_logvar.device))
+
+
+@triton_op("distill::free_bits_kl", mutates_args=())
+def free_bits_kl_op(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float, write_grad: bool
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(kl, dkl/dmu, dkl/dlogvar)``, the gradients in the accumulator dtype (empty unless
+    ``write_grad``)."""
+    acc = accumulator_dtype(mu, logvar)
+    kl, grad_mu, grad_logvar = _forward_outputs(mu, logvar, write_grad)
+    wrap_triton(_kl_forward_kernel)[(1,)](
+        mu, logvar, kl, grad_mu, grad_logvar, mu.numel(), mu.shape[1], *mu.stride(),
+        *logvar.stride(), free_bits, 1.0 / mu.shape[0],
+        WRITE_GRAD=write_grad, ACC=tl_dtype(acc), BLOCK=BLOCK)
+    return kl, grad_mu, grad_logvar
+
+
+@triton_op("distill::free_bits_kl_backward", mutates_args=())
+def free_bits_kl_backward_op(grad_mu: torch.Tensor, grad_logvar: torch.Tensor,
+                             grad_out: torch.Tensor, mu_dtype: torch.dtype,
+                             logvar_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    out_mu, out_logvar = _backward_outputs(grad_mu, grad_logvar, mu_dtype, logvar_dtype)
+    n = grad_mu.numel()
+    wrap_triton(_kl_backward_kernel)[(triton.cdiv(n, BLOCK),)](
+        grad_mu, grad_logvar, grad_out, out_mu, out_logvar, n,
+        ACC=tl_dtype(grad_mu.dtype), BLOCK=BLOCK)
+    return out_mu, out_logvar
+
+
+register_fake(free_bits_kl_op,
+              lambda mu, logvar, free_bits, write_grad: _forward_outputs(mu, logvar, write_grad))
+register_fake(free_bits_kl_backward_op,
+              lambda grad_mu, grad_logvar, grad_out, mu_dtype, logvar_dtype:
+              _backward_outputs(grad_mu, grad_logvar, mu_dtype, logvar_dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2])
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
+
+
+def _backward(ctx, grad_kl, _grad_mu_out, _grad_logvar_out):
+    grad_mu, grad_logvar = ctx.saved_tensors
+    out_mu, out_logvar = free_bits_kl_backward_op(grad_mu, grad_logvar, grad_kl, *ctx.dtypes)
+    return (out_mu if ctx.needs_input_grad[0] else None,
+            out_logvar if ctx.needs_input_grad[1] else None, None, None)
+
+
+free_bits_kl_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> torch.Tensor:
+    """Free-bits KL of ``[B, D]`` tensors of any strides (see the module docstring)."""
+    write_grad = torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad)
+    kl, _, _ = free_bits_kl_op(mu, logvar, float(free_bits), write_grad)
+    return kl

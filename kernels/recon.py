@@ -1,0 +1,214 @@
+"""Reconstruction terms of the combined loss, fused: one pass over ``recon`` and ``target``.
+
+With ``rm, ri = recon[:, 0], recon[:, 1]``, ``tm, ti = target[:, 0], target[:, 1]`` and
+``N = B*H*W``::
+
+    mag = S_mag / N,                S_mag = sum |rm - tm|
+    if  = (S_if / N) / (S_tm / N + 1e-8),   S_if = sum |ri - ti| * tm,   S_tm = sum tm
+
+Derivatives, with ``A = S_if / N``, ``M = S_tm / N``, ``e = 1e-8``, ``g_mag``/``g_if`` the
+incoming gradients and ``sign(0) = 0`` (``torch.abs``'s rule at ties)::
+
+    d/drm = g_mag sign(rm - tm) / N                 d/dtm = -d/drm + g_if (|ri - ti| / (M + e)
+    d/dri = g_if sign(ri - ti) tm / (N (M + e))                      - A / (M + e)^2) / N
+                                                    d/dti = -d/dri
+
+Forward: ``_recon_partials_kernel`` (one tile per program, three fp32 partial sums each; fp64
+for fp64 inputs) and ``_recon_finalize_kernel`` (one program summing the partials in a fixed
+order: deterministic, no atomics). Backward: ``_recon_backward_kernel``, one pass that reads
+each input once and writes the gradients. Writing the sign terms in the forward pass instead
+would move as many bytes (4N read + 2N written forward, 2N read + 2N written backward, against
+4N forward and 4N read + 2N written backward) and keep a 2N buffer alive between the passes,
+so the gradient is left to the backward kernel.
+
+Inputs may have any strides (no copy is made); offsets are int64.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (accumulator_dtype, empty, register_fake, signum, tl_dtype, triton_op,
+                      wrap_triton)
+
+IF_EPS = 1e-8
+BLOCK = 1024
+FINAL_BLOCK = 1024
+
+
+@triton.jit
+def _offsets(index, hw, width, s_b, s_h, s_w):
+    """Element offset of flat index ``index`` (over ``[B, H, W]``) in a strided tensor."""
+    b = index // hw
+    rest = index - b * hw
+    h = rest // width
+    return b * s_b + h * s_h + (rest - h * width) * s_w
+
+
+@triton.jit
+def _recon_partials_kernel(
+    recon_ptr, target_ptr, partials_ptr,
+    n_elements, hw, width, n_programs,
+    r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Program p sums tile p: ``partials[0|1|2, p] = S_mag, S_if, S_tm`` over its elements."""
+    pid = tl.program_id(0)
+    index = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = index < n_elements
+    r_off = _offsets(index, hw, width, r_sb, r_sh, r_sw)
+    t_off = _offsets(index, hw, width, t_sb, t_sh, t_sw)
+    rm = tl.load(recon_ptr + r_off, mask=mask, other=0.0).to(ACC)
+    ri = tl.load(recon_ptr + r_off + r_sc, mask=mask, other=0.0).to(ACC)
+    tm = tl.load(target_ptr + t_off, mask=mask, other=0.0).to(ACC)
+    ti = tl.load(target_ptr + t_off + t_sc, mask=mask, other=0.0).to(ACC)
+    # One slot per program: the three stores are in range by construction (grid == n_programs).
+    tl.store(partials_ptr + pid, tl.sum(tl.abs(rm - tm), axis=0))
+    tl.store(partials_ptr + n_programs + pid, tl.sum(tl.abs(ri - ti) * tm, axis=0))
+    tl.store(partials_ptr + 2 * n_programs + pid, tl.sum(tm, axis=0))
+
+
+@triton.jit
+def _recon_finalize_kernel(
+    partials_ptr, mag_ptr, if_ptr, stats_ptr, n_programs, inv_n, if_eps,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program: fixed-order sums of the partials, then ``mag``, ``if`` and the statistics
+    ``(A, M)`` the backward pass needs."""
+    s_mag = tl.zeros([BLOCK], dtype=ACC)
+    s_if = tl.zeros([BLOCK], dtype=ACC)
+    s_tm = tl.zeros([BLOCK], dtype=ACC)
+    for start in range(0, n_programs, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        mask = idx < n_programs
+        s_mag += tl.load(partials_ptr + idx, mask=mask, other=0.0)
+        s_if += tl.load(partials_ptr + n_programs + idx, mask=mask, other=0.0)
+        s_tm += tl.load(partials_ptr + 2 * n_programs + idx, mask=mask, other=0.0)
+    mean_abs_if = tl.sum(s_if, axis=0) * inv_n
+    mean_tm = tl.sum(s_tm, axis=0) * inv_n
+    tl.store(mag_ptr, tl.sum(s_mag, axis=0) * inv_n)
+    tl.store(if_ptr, mean_abs_if / (mean_tm + if_eps))
+    tl.store(stats_ptr, mean_abs_if)
+    tl.store(stats_ptr + 1, mean_tm)
+
+
+@triton.jit
+def _recon_backward_kernel(
+    recon_ptr, target_ptr, stats_ptr, g_mag_ptr, g_if_ptr, grad_recon_ptr, grad_target_ptr,
+    n_elements, hw, width, inv_n, if_eps,
+    r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw,
+    TARGET_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Gradients for ``recon`` (and ``target`` when ``TARGET_GRAD``), written contiguous
+    ``[B, 2, H, W]`` in the inputs' dtype. The scalars come in as tensors: no host sync."""
+    pid = tl.program_id(0)
+    index = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = index < n_elements
+    r_off = _offsets(index, hw, width, r_sb, r_sh, r_sw)
+    t_off = _offsets(index, hw, width, t_sb, t_sh, t_sw)
+    rm = tl.load(recon_ptr + r_off, mask=mask, other=0.0).to(ACC)
+    ri = tl.load(recon_ptr + r_off + r_sc, mask=mask, other=0.0).to(ACC)
+    tm = tl.load(target_ptr + t_off, mask=mask, other=0.0).to(ACC)
+    ti = tl.load(target_ptr + t_off + t_sc, mask=mask, other=0.0).to(ACC)
+
+    mean_abs_if = tl.load(stats_ptr).to(ACC)
+    mean_tm = tl.load(stats_ptr + 1).to(ACC)
+    c_mag = tl.load(g_mag_ptr).to(ACC) * inv_n
+    g_if = tl.load(g_if_ptr).to(ACC)
+    c_if = g_if * inv_n / (mean_tm + if_eps)
+
+    d_if = ri - ti
+    grad_rm = c_mag * signum(rm - tm)
+    grad_ri = c_if * signum(d_if) * tm
+    b = index // hw
+    out = index + b * hw  # contiguous [B, 2, H, W]: channel 0 at b*2hw + rest
+    dtype = grad_recon_ptr.dtype.element_ty
+    tl.store(grad_recon_ptr + out, grad_rm.to(dtype), mask=mask)
+    tl.store(grad_recon_ptr + out + hw, grad_ri.to(dtype), mask=mask)
+    if TARGET_GRAD:
+        c_tm = g_if * inv_n * mean_abs_if / ((mean_tm + if_eps) * (mean_tm + if_eps))
+        grad_tm = -grad_rm + c_if * tl.abs(d_if) - c_tm
+        tl.store(grad_target_ptr + out, grad_tm.to(dtype), mask=mask)
+        tl.store(grad_target_ptr + out + hw, (-grad_ri).to(dtype), mask=mask)
+
+
+def _geometry(recon: torch.Tensor):
+    b, _, h, w = recon.shape
+    return b * h * w, h * w, w
+
+
+def _forward_outputs(recon: torch.Tensor, target: torch.Tensor):
+    acc = accumulator_dtype(recon, target)
+    return (empty((), acc, recon.device), empty((), acc, recon.device),
+            empty((2,), acc, recon.device))
+
+
+def _backward_outputs(recon: torch.Tensor, target: torch.Tensor, target_grad: bool):
+    grad_dtype = torch.promote_types(recon.dtype, target.dtype)
+    return (empty(recon.shape, grad_dtype, recon.device),
+            empty(target.shape if target_grad else (0,), grad_dtype, target.device))
+
+
+@triton_op("distill::recon_terms", mutates_args=())
+def recon_terms_op(recon: torch.Tensor, target: torch.Tensor
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(mag, if, stats)``: the two loss terms (0-dim) and ``stats = (A, M)`` for backward."""
+    acc = accumulator_dtype(recon, target)
+    n, hw, width = _geometry(recon)
+    n_programs = triton.cdiv(n, BLOCK)
+    partials = empty((3, n_programs), acc, recon.device)
+    mag, if_loss, stats = _forward_outputs(recon, target)
+    wrap_triton(_recon_partials_kernel)[(n_programs,)](
+        recon, target, partials, n, hw, width, n_programs, *recon.stride(), *target.stride(),
+        ACC=tl_dtype(acc), BLOCK=BLOCK)
+    wrap_triton(_recon_finalize_kernel)[(1,)](
+        partials, mag, if_loss, stats, n_programs, 1.0 / n, IF_EPS,
+        ACC=tl_dtype(acc), BLOCK=FINAL_BLOCK)
+    return mag, if_loss, stats
+
+
+@triton_op("distill::recon_terms_backward", mutates_args=())
+def recon_terms_backward_op(recon: torch.Tensor, target: torch.Tensor, stats: torch.Tensor,
+                            grad_mag: torch.Tensor, grad_if: torch.Tensor, target_grad: bool
+                            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    acc = accumulator_dtype(recon, target)
+    n, hw, width = _geometry(recon)
+    grad_recon, grad_target = _backward_outputs(recon, target, target_grad)
+    wrap_triton(_recon_backward_kernel)[(triton.cdiv(n, BLOCK),)](
+        recon, target, stats, grad_mag, grad_if, grad_recon, grad_target,
+        n, hw, width, 1.0 / n, IF_EPS, *recon.stride(), *target.stride(),
+        TARGET_GRAD=target_grad, ACC=tl_dtype(acc), BLOCK=BLOCK)
+    return grad_recon, grad_target
+
+
+register_fake(recon_terms_op, _forward_outputs)
+register_fake(recon_terms_backward_op,
+              lambda recon, target, stats, grad_mag, grad_if, target_grad:
+              _backward_outputs(recon, target, target_grad))
+
+
+def _setup_context(ctx, inputs, output):
+    recon, target = inputs
+    ctx.save_for_backward(recon, target, output[2])
+    ctx.target_grad = ctx.needs_input_grad[1]
+
+
+def _backward(ctx, grad_mag, grad_if, _grad_stats):
+    recon, target, stats = ctx.saved_tensors
+    grad_recon, grad_target = recon_terms_backward_op(recon, target, stats, grad_mag, grad_if,
+                                                      ctx.target_grad)
+    return (grad_recon.to(recon.dtype) if ctx.needs_input_grad[0] else None,
+            grad_target.to(target.dtype) if ctx.target_grad else None)
+
+
+recon_terms_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def recon_terms(recon: torch.Tensor, target: torch.Tensor):
+    """``(mag_recon_loss, if_recon_loss)`` of ``[B, 2, H, W]`` tensors of any strides."""
+    mag, if_loss, _ = recon_terms_op(recon, target)
+    return mag, if_loss
