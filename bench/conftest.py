@@ -10,11 +10,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 import harness  # noqa: E402
 
 _ROWS = []
+_KERNEL_ROWS = []
 
 
 @pytest.fixture(scope="session")
 def results():
     return _ROWS
+
+
+@pytest.fixture(scope="session")
+def kernel_results():
+    return _KERNEL_ROWS
 
 
 def pytest_configure(config):
@@ -24,6 +30,6 @@ def pytest_configure(config):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _ROWS:
-        path = harness.write_results(_ROWS, harness.device())
+    if _ROWS or _KERNEL_ROWS:
+        path = harness.write_results(_ROWS, harness.device(), _KERNEL_ROWS)
         print(f"\nbenchmark results written to {path}")

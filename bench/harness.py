@@ -73,6 +73,7 @@ def device_slug(dev: torch.device) -> str:
 def providers(dev: torch.device) -> List[str]:
     names = ["reference", "reference+torch.compile", "torch"]
     if dev.type == "cuda":
+        names[2:2] = ["reference+torch.compile(reduce-overhead)"]
         names.append("triton")
     return names
 
@@ -85,9 +86,10 @@ def make_step(provider: str, case: Case, dev: torch.device, seed: int = 0) -> Ca
     config = LossConfig()
     stft_fn = create_stft_loss(config, dev)
 
-    if provider == "reference+torch.compile":
+    if provider.startswith("reference+torch.compile"):
+        mode = "reduce-overhead" if provider.endswith("(reduce-overhead)") else None
         fn = torch.compile(lambda r, t, m, v: reference.combined_loss(
-            r, t, m, v, config, 0.01, stft_fn.settings)["total_loss"])
+            r, t, m, v, config, 0.01, stft_fn.settings)["total_loss"], mode=mode)
     else:
         backend = provider
 
@@ -158,8 +160,9 @@ def count_launches(step: Callable[[], None], dev: torch.device) -> Optional[int]
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def write_results(rows: List[Dict], dev: torch.device) -> Path:
-    """``bench/results/<device-slug>.json`` with speed-ups over ``reference`` of the same run."""
+def write_results(rows: List[Dict], dev: torch.device, kernel_rows: List[Dict] = ()) -> Path:
+    """``bench/results/<device-slug>.json`` with speed-ups over ``reference`` of the same run
+    (and the per-kernel bandwidth rows, when there are any)."""
     ref = {r["case"]: r["median_ms"] for r in rows if r["provider"] == "reference"}
     for row in rows:
         base = ref.get(row["case"])
@@ -177,6 +180,8 @@ def write_results(rows: List[Dict], dev: torch.device) -> Path:
         "date": datetime.date.today().isoformat(),
         "results": rows,
     }
+    if kernel_rows:
+        doc["kernels"] = list(kernel_rows)
     RESULTS_DIR.mkdir(exist_ok=True)
     path = RESULTS_DIR / f"{device_slug(dev)}.json"
     path.write_text(json.dumps(doc, indent=2) + "\n")

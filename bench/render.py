@@ -41,6 +41,16 @@ def render_markdown(docs) -> str:
                          f"{_fmt(r['speedup_vs_reference'], '.2f')}x | "
                          f"{_fmt(r['peak_mem_mb'], '.1f')} | {_fmt(r['launches'], 'd')} |")
         lines.append("")
+        if doc.get("kernels"):
+            lines += ["Kernel bandwidth (bytes each kernel must move / median time, against "
+                      "the copy bandwidth of the same run):", "",
+                      "| case | kernel | median ms | GB/s | copy GB/s | fraction of copy |",
+                      "|---|---|---:|---:|---:|---:|"]
+            for k in doc["kernels"]:
+                lines.append(f"| {k['case']} | {k['kernel']} | {k['median_ms']:.4f} | "
+                             f"{k['gbps']:.0f} | {k['copy_gbps']:.0f} | "
+                             f"{k['fraction_of_copy']:.2f} |")
+            lines.append("")
     return "\n".join(lines)
 
 

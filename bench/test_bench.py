@@ -18,7 +18,7 @@ def test_forward_backward(benchmark, results, case_name, provider):
     try:
         step()  # first call: compiles what needs compiling
     except Exception as exc:  # torch.compile where it does not work: recorded, not hidden
-        if provider != "reference+torch.compile":
+        if not provider.startswith("reference+torch.compile"):
             raise
         results.append({"case": case_name, "provider": provider, "median_ms": None,
                         "peak_mem_mb": None, "launches": None,

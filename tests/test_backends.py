@@ -41,3 +41,16 @@ def test_env_var_reaches_compute_combined_loss(monkeypatch):
     x = torch.randn(1, 2, 16, 80)
     with pytest.raises(ValueError, match="DISTILL_LOSS_BACKEND"):
         compute_combined_loss(x, x, torch.zeros(1, 2), torch.zeros(1, 2))
+
+
+def test_auto_picks_triton_for_cuda_tensors(monkeypatch):
+    pytest.importorskip("triton", reason="Triton is not installed")
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    # Selection only imports the backend; no GPU is needed to choose it.
+    assert select_backend("cuda").name == "triton"
+
+
+def test_mps_gets_torch(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert select_backend("mps").name == "torch"
+    assert "triton" not in available_backends("mps")

@@ -4,7 +4,7 @@ noise and realistic magnitudes, fresh random inputs, odd and small sizes."""
 import pytest
 import torch
 
-from conftest import FAST_BACKENDS, assert_matches_oracle, make_batch, run_loss
+from conftest import FAST_BACKENDS, assert_matches_oracle, make_batch, requires_cuda, run_loss
 from distill.training import LossConfig, STFTLossConfig
 
 DTYPES = [torch.float64, torch.float32]
@@ -149,3 +149,29 @@ def test_user_case_float32(backend, kind, seed):
     batch = make_batch(kind, torch.float64, seed, batch=32, height=128, width=94,
                        latent_dim=128)
     assert_matches_oracle(batch, backend, torch.float32, kl_weight=0.01)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("kind", ["noise", "realistic"])
+def test_cuda_matches_oracle(backend, dtype, kind, seed):
+    batch = make_batch(kind, torch.float64, seed, device="cuda")
+    assert_matches_oracle(batch, backend, dtype, kl_weight=0.01)
+    assert_matches_oracle(batch, backend, dtype, grad_target=True, kl_weight=0.01)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cuda_user_case_and_bf16(backend, seed):
+    batch = make_batch("realistic", torch.float64, seed, batch=32, height=128, width=94,
+                       latent_dim=128, device="cuda")
+    assert_matches_oracle(batch, backend, torch.float32, kl_weight=0.01)
+    half = [t.to(torch.bfloat16) for t in batch]
+    out, grads = run_loss(half, backend)
+    ref_out, _ = run_loss([t.float() for t in half], "reference")
+    for key in out:
+        torch.testing.assert_close(out[key], ref_out[key], rtol=1e-5, atol=0)
+    assert all(g.dtype == torch.bfloat16 for g in grads)

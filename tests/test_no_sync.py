@@ -66,3 +66,18 @@ def test_torch_backend_never_calls_angle(seed):
     assert ops and torch.ops.aten.angle.default not in ops
     import distill.backends.torch_backend as module
     assert not re.search(r"\bangle\(", inspect.getsource(module))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU present: CUDA variant skipped")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_host_sync_cuda(backend, seed):
+    batch = make_batch("realistic", torch.float32, seed, device="cuda")
+    ops = _step(backend, batch, kl_weight=0.1)
+    assert not [op for op in ops if op in SYNC_OPS]
+    # And the CUDA runtime agrees: a step raises if it synchronises while syncs are errors.
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _step(backend, batch, kl_weight=0.1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

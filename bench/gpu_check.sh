@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU evidence run, on the lent machine (device tool), from the repository root:
+#   bash bench/gpu_check.sh        (carry .whl: the auraloss wheel, which the image lacks)
+# Installs distill into the image's python (torch 2.11, triton 3.6 there), runs the whole test
+# suite on the GPU (CUDA tests included) and the benchmarks, and leaves logs and results in $OUT.
+set -uo pipefail
+out="${OUT:-$(mktemp -d)}"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade \
+    --target /tmp/site . || exit 1
+export PYTHONPATH=/tmp/site
+
+{ nvidia-smi; python3 -c "import torch, triton, auraloss, distill
+print('torch', torch.__version__, 'triton', triton.__version__, 'distill', distill.__file__)
+print(torch.cuda.get_device_name())"; } > "$out/env.txt" 2>&1
+cat "$out/env.txt"
+
+# The suite imports distill from /tmp/site (its kernels/ maps to distill.kernels there).
+python3 -m pytest -q tests -p no:cacheprovider -rs 2>&1 | tee "$out/tests.log" | tail -25
+python3 -m pytest -q bench -p no:cacheprovider 2>&1 | tee "$out/bench.log" | tail -30
+python3 bench/render.py
+cp bench/results/*.json bench/RESULTS.md bench/speedup.png "$out/" 2>/dev/null
+ls -la "$out"
