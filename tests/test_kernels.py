@@ -171,10 +171,11 @@ def test_kl_kernel_free_bits_boundary(device, seed):
     assert torch.equal(got[1][:, :4], torch.zeros_like(got[1][:, :4]))  # d/dmu = mu / B = 0
     # d/dlogvar = 0.5 (exp(0) - 1) / B = 0 too, so pick points where only the mask decides:
     mu2 = randn(3, 5)
+    mu2[0, 0] = 0.5
     logvar2 = torch.zeros_like(mu2)
-    fb = float(0.5 * mu2[0, 0] ** 2)            # k = mu^2 / 2 at logvar = 0: boundary at [0, 0]
-    got = _check_kl(mu2, logvar2, fb, torch.float64, 1e-12)
-    assert got[1][0, 0] != 0
+    # k = -0.5 (1 + 0 - 0.25 - 1) = 0.125 exactly (every step is exact in binary): the boundary.
+    got = _check_kl(mu2, logvar2, 0.125, torch.float64, 1e-12)
+    assert float(got[1][0, 0]) == pytest.approx(0.5 * 2.5 / 3, rel=1e-14)  # the clamp passes
 
 
 @pytest.mark.parametrize("device", DEVICES)
