@@ -145,7 +145,9 @@ def _mrstft_value_and_grads(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSe
             if w_lin:
                 coef.add_(torch.sign(diff), alpha=sign * w_lin / count)
             if w_sc:
-                coef.addcmul_(diff, sign * w_sc / (num * den))
+                # d||D||/dD = D / ||D||, and 0 at D = 0 (as torch.norm's backward has it).
+                sc_scale = torch.where(num > 0, w_sc / (num * den), 0.0)
+                coef.addcmul_(diff, sign * sc_scale)
                 if not is_x:
                     coef.addcmul_(m, -w_sc * num / den.pow(3))
             coefs.append(coef.div_(m))
