@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -45,6 +46,27 @@ def accumulator_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 def tl_dtype(dtype: torch.dtype):
     return {torch.float64: tl.float64, torch.float32: tl.float32}[dtype]
+
+
+def f64_parts(value: float):
+    """``(hi, lo)`` float32 parts of ``value`` (``hi + lo`` keeps ~48 bits).
+
+    Triton passes Python floats to kernels as fp32; a weight such as 0.1 would then carry a
+    1e-8 relative error into float64 results (the spec allows 1e-10). Kernels take both parts
+    and join them in their accumulator dtype (``joined``)."""
+    hi = float(np.float32(value))
+    return hi, float(np.float32(value - hi))
+
+
+@triton.jit
+def joined(hi, lo, ACC: tl.constexpr):
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+
+
+@triton.jit
+def reciprocal(count, ACC: tl.constexpr):
+    """``1 / count`` of an integer argument, computed in the accumulator dtype."""
+    return 1.0 / tl.cast(count, ACC)
 
 
 @triton.jit

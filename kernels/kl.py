@@ -25,17 +25,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import accumulator_dtype, empty, register_fake, tl_dtype, triton_op, wrap_triton
+from ._common import (accumulator_dtype, empty, f64_parts, joined, reciprocal, register_fake,
+                      tl_dtype, triton_op, wrap_triton)
 
 BLOCK = 1024
 
 
 @triton.jit
-def _kl_forward_kernel(
-    mu_ptr, logvar_ptr, kl_ptr, grad_mu_ptr, grad_logvar_ptr,
-    n_elements, latent_dim, mu_sb, mu_sd, lv_sb, lv_sd, free_bits, inv_batch,
+def free_bits_kl_loop(
+    mu_ptr, logvar_ptr, grad_mu_ptr, grad_logvar_ptr,
+    n_elements, latent_dim, mu_sb, mu_sd, lv_sb, lv_sd, fb_hi, fb_lo,
     WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """(Inside a single program.) The KL over ``[B, D]`` in tiles, gradients written when
+    ``WRITE_GRAD`` (contiguous ``[B, D]``); returns ``kl``."""
+    free_bits = joined(fb_hi, fb_lo, ACC)
+    inv_batch = reciprocal(n_elements // latent_dim, ACC)
     total = tl.zeros([BLOCK], dtype=ACC)
     for start in range(0, n_elements, BLOCK):
         index = start + tl.arange(0, BLOCK).to(tl.int64)
@@ -56,7 +61,19 @@ def _kl_forward_kernel(
                      mask=mask)
             tl.store(grad_logvar_ptr + index,
                      tl.where(active, 0.5 * (var - 1.0) * inv_batch, 0.0).to(dtype), mask=mask)
-    tl.store(kl_ptr, tl.sum(total, axis=0) * inv_batch)
+    return tl.sum(total, axis=0) * inv_batch
+
+
+@triton.jit
+def _kl_forward_kernel(
+    mu_ptr, logvar_ptr, kl_ptr, grad_mu_ptr, grad_logvar_ptr,
+    n_elements, latent_dim, mu_sb, mu_sd, lv_sb, lv_sd, fb_hi, fb_lo,
+    WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    kl = free_bits_kl_loop(mu_ptr, logvar_ptr, grad_mu_ptr, grad_logvar_ptr, n_elements,
+                           latent_dim, mu_sb, mu_sd, lv_sb, lv_sd, fb_hi, fb_lo, WRITE_GRAD,
+                           ACC, BLOCK)
+    tl.store(kl_ptr, kl)
 
 
 @triton.jit
@@ -98,7 +115,7 @@ def free_bits_kl_op(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float, wr
     kl, grad_mu, grad_logvar = _forward_outputs(mu, logvar, write_grad)
     wrap_triton(_kl_forward_kernel)[(1,)](
         mu, logvar, kl, grad_mu, grad_logvar, mu.numel(), mu.shape[1], *mu.stride(),
-        *logvar.stride(), free_bits, 1.0 / mu.shape[0],
+        *logvar.stride(), *f64_parts(free_bits),
         WRITE_GRAD=write_grad, ACC=tl_dtype(acc), BLOCK=BLOCK)
     return kl, grad_mu, grad_logvar
 

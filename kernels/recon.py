@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (accumulator_dtype, empty, register_fake, signum, tl_dtype, triton_op,
-                      wrap_triton)
+from ._common import (accumulator_dtype, empty, f64_parts, joined, reciprocal, register_fake,
+                      signum, tl_dtype, triton_op, wrap_triton)
 
 IF_EPS = 1e-8
 BLOCK = 1024
@@ -73,12 +73,9 @@ def _recon_partials_kernel(
 
 
 @triton.jit
-def _recon_finalize_kernel(
-    partials_ptr, mag_ptr, if_ptr, stats_ptr, n_programs, inv_n, if_eps,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """One program: fixed-order sums of the partials, then ``mag``, ``if`` and the statistics
-    ``(A, M)`` the backward pass needs."""
+def recon_terms_from_partials(partials_ptr, n_programs, n_elements, if_eps_hi, if_eps_lo,
+                              ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """(Inside a single program.) Fixed-order sums of the partials: ``(mag, if, A, M)``."""
     s_mag = tl.zeros([BLOCK], dtype=ACC)
     s_if = tl.zeros([BLOCK], dtype=ACC)
     s_tm = tl.zeros([BLOCK], dtype=ACC)
@@ -88,18 +85,47 @@ def _recon_finalize_kernel(
         s_mag += tl.load(partials_ptr + idx, mask=mask, other=0.0)
         s_if += tl.load(partials_ptr + n_programs + idx, mask=mask, other=0.0)
         s_tm += tl.load(partials_ptr + 2 * n_programs + idx, mask=mask, other=0.0)
+    inv_n = reciprocal(n_elements, ACC)
     mean_abs_if = tl.sum(s_if, axis=0) * inv_n
     mean_tm = tl.sum(s_tm, axis=0) * inv_n
-    tl.store(mag_ptr, tl.sum(s_mag, axis=0) * inv_n)
-    tl.store(if_ptr, mean_abs_if / (mean_tm + if_eps))
+    if_loss = mean_abs_if / (mean_tm + joined(if_eps_hi, if_eps_lo, ACC))
+    return tl.sum(s_mag, axis=0) * inv_n, if_loss, mean_abs_if, mean_tm
+
+
+@triton.jit
+def _recon_finalize_kernel(
+    partials_ptr, mag_ptr, if_ptr, stats_ptr, n_programs, n_elements, if_eps_hi, if_eps_lo,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program: fixed-order sums of the partials, then ``mag``, ``if`` and the statistics
+    ``(A, M)`` the backward pass needs."""
+    mag, if_loss, mean_abs_if, mean_tm = recon_terms_from_partials(
+        partials_ptr, n_programs, n_elements, if_eps_hi, if_eps_lo, ACC, BLOCK)
+    tl.store(mag_ptr, mag)
+    tl.store(if_ptr, if_loss)
     tl.store(stats_ptr, mean_abs_if)
     tl.store(stats_ptr + 1, mean_tm)
 
 
 @triton.jit
+def recon_grads(rm, ri, tm, ti, g_mag, g_if, mean_abs_if, mean_tm, n_elements, if_eps,
+                ACC: tl.constexpr):
+    """``(d/drm, d/dri, d/dtm)`` for incoming gradients ``g_mag``, ``g_if`` (d/dti = -d/dri)."""
+    inv_n = reciprocal(n_elements, ACC)
+    c_mag = g_mag * inv_n
+    c_if = g_if * inv_n / (mean_tm + if_eps)
+    d_if = ri - ti
+    grad_rm = c_mag * signum(rm - tm)
+    grad_ri = c_if * signum(d_if) * tm
+    c_tm = g_if * inv_n * mean_abs_if / ((mean_tm + if_eps) * (mean_tm + if_eps))
+    grad_tm = -grad_rm + c_if * tl.abs(d_if) - c_tm
+    return grad_rm, grad_ri, grad_tm
+
+
+@triton.jit
 def _recon_backward_kernel(
     recon_ptr, target_ptr, stats_ptr, g_mag_ptr, g_if_ptr, grad_recon_ptr, grad_target_ptr,
-    n_elements, hw, width, inv_n, if_eps,
+    n_elements, hw, width, if_eps_hi, if_eps_lo,
     r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw,
     TARGET_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -115,23 +141,16 @@ def _recon_backward_kernel(
     tm = tl.load(target_ptr + t_off, mask=mask, other=0.0).to(ACC)
     ti = tl.load(target_ptr + t_off + t_sc, mask=mask, other=0.0).to(ACC)
 
-    mean_abs_if = tl.load(stats_ptr).to(ACC)
-    mean_tm = tl.load(stats_ptr + 1).to(ACC)
-    c_mag = tl.load(g_mag_ptr).to(ACC) * inv_n
-    g_if = tl.load(g_if_ptr).to(ACC)
-    c_if = g_if * inv_n / (mean_tm + if_eps)
-
-    d_if = ri - ti
-    grad_rm = c_mag * signum(rm - tm)
-    grad_ri = c_if * signum(d_if) * tm
+    grad_rm, grad_ri, grad_tm = recon_grads(
+        rm, ri, tm, ti, tl.load(g_mag_ptr).to(ACC), tl.load(g_if_ptr).to(ACC),
+        tl.load(stats_ptr).to(ACC), tl.load(stats_ptr + 1).to(ACC), n_elements,
+        joined(if_eps_hi, if_eps_lo, ACC), ACC)
     b = index // hw
     out = index + b * hw  # contiguous [B, 2, H, W]: channel 0 at b*2hw + rest
     dtype = grad_recon_ptr.dtype.element_ty
     tl.store(grad_recon_ptr + out, grad_rm.to(dtype), mask=mask)
     tl.store(grad_recon_ptr + out + hw, grad_ri.to(dtype), mask=mask)
     if TARGET_GRAD:
-        c_tm = g_if * inv_n * mean_abs_if / ((mean_tm + if_eps) * (mean_tm + if_eps))
-        grad_tm = -grad_rm + c_if * tl.abs(d_if) - c_tm
         tl.store(grad_target_ptr + out, grad_tm.to(dtype), mask=mask)
         tl.store(grad_target_ptr + out + hw, (-grad_ri).to(dtype), mask=mask)
 
@@ -166,7 +185,7 @@ def recon_terms_op(recon: torch.Tensor, target: torch.Tensor
         recon, target, partials, n, hw, width, n_programs, *recon.stride(), *target.stride(),
         ACC=tl_dtype(acc), BLOCK=BLOCK)
     wrap_triton(_recon_finalize_kernel)[(1,)](
-        partials, mag, if_loss, stats, n_programs, 1.0 / n, IF_EPS,
+        partials, mag, if_loss, stats, n_programs, n, *f64_parts(IF_EPS),
         ACC=tl_dtype(acc), BLOCK=FINAL_BLOCK)
     return mag, if_loss, stats
 
@@ -180,7 +199,7 @@ def recon_terms_backward_op(recon: torch.Tensor, target: torch.Tensor, stats: to
     grad_recon, grad_target = _backward_outputs(recon, target, target_grad)
     wrap_triton(_recon_backward_kernel)[(triton.cdiv(n, BLOCK),)](
         recon, target, stats, grad_mag, grad_if, grad_recon, grad_target,
-        n, hw, width, 1.0 / n, IF_EPS, *recon.stride(), *target.stride(),
+        n, hw, width, *f64_parts(IF_EPS), *recon.stride(), *target.stride(),
         TARGET_GRAD=target_grad, ACC=tl_dtype(acc), BLOCK=BLOCK)
     return grad_recon, grad_target
 

@@ -12,13 +12,11 @@ import triton  # noqa: F401  (fail here, at selection, when Triton is missing)
 
 from distill.kernels.kl import free_bits_kl
 from distill.kernels.recon import recon_terms
+from distill.kernels.stft import mrstft_loss
 
-from . import torch_backend
 from .common import assemble_combined_loss
 
 name = "triton"
-
-mrstft_loss = torch_backend.mrstft_loss
 
 
 def combined_loss(recon, target, mu, logvar, config, kl_weight, stft):

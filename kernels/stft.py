@@ -1,0 +1,537 @@
+"""Multi-resolution STFT loss on the GPU: Triton kernels around ``torch.fft`` (cuFFT).
+
+For signals ``x`` (input) and ``y`` (target), ``S`` rows of ``T`` samples, and each resolution
+``r = (n, hop, window w)`` with ``F`` frames and ``n//2 + 1`` bins (auraloss's definition)::
+
+    frame[s, f, c] = w[c] * sig[s, reflect(f*hop - n//2 + c)]          (center=True, reflect)
+    X = rfft(frame_x),  Px = max(|X|^2, eps),  Mx = sqrt(Px)            (likewise Y, My)
+    L_r = w_sc ||My - Mx|| / ||My|| + w_log mean|ln(Mx / My)| + w_lin mean|Mx - My|
+    MRSTFT = mean_r L_r
+
+and its gradient, with ``D = Mx - My``, ``K`` the bins of ``r``, ``R`` resolutions::
+
+    dL/dMx = a_r D + c_log sign(ln Mx/My) / Mx + c_lin sign(D)
+    dL/dMy = -a_r D - b_r My - c_log sign(ln Mx/My) / My - c_lin sign(D)
+      a_r = w_sc / (R ||D|| ||My||)  (0 where ||D|| = 0),  b_r = w_sc ||D|| / (R ||My||^3),
+      c_log = w_log / (R K),  c_lin = w_lin / (R K)
+    G = dL/dX = h_k dL/dMx X / Mx where |X|^2 >= eps, else 0 (the clamp holds)
+    dL/dframe = irfft(G, norm="forward") * w,   h_k = 1/2 but for DC and Nyquist (irfft counts
+                                                 the other bins twice)
+    dL/dsig[t] = sum over the (up to 3) padded positions p that reflect onto t, and the frames f
+                 covering p, of dL/dframe[f, p - f*hop]                     (a gather: no atomics)
+
+The path, one launch each: ``_frame_kernel`` (all resolutions, x and y, written straight into
+the rows ``rfft`` wants), one ``rfft`` per resolution, ``_spectral_partials_kernel`` (all
+resolutions at once: per tile ``sum D^2, sum My^2, sum |ln Mx/My|, sum |D|``), an epilogue that
+sums the partials in a fixed order, ``_spectral_grad_kernel`` (G, written over X in place), one
+``irfft`` per resolution (written over the frames), ``_frames_adjoint_kernel``. The gradient is
+computed in the forward pass: the spectra are freed at its end and only a ``[S, T]`` gradient is
+kept for backward, which scales it by the incoming gradient.
+
+Per-resolution geometry lives in a small int64 device table (``meta``), built once per shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import empty, reciprocal, register_fake, signum, tl_dtype, triton_op, wrap_triton
+
+BLOCK = 1024
+# Columns of the meta table.
+N_FFT, HOP, FRAMES, BINS, FRAME_OFF, SPEC_OFF, WIN_OFF, META = 0, 1, 2, 3, 4, 5, 6, 8
+
+
+@dataclass(frozen=True, eq=False)
+class STFTPlan:
+    """Geometry of ``S`` signals of ``T`` samples under some settings, on one device/dtype."""
+
+    signals: int
+    length: int
+    resolutions: Tuple[Tuple[int, int, int, int, int, int, int], ...]  # meta rows
+    frames_numel: int      # real elements of the frame buffer (all resolutions, x and y)
+    spec_numel: int        # complex elements of the spectrum buffer
+    max_frame_tiles: int
+    max_spec_tiles: int
+    max_cover: int         # most frames covering one padded sample, over resolutions
+    meta: torch.Tensor     # int64 [R, META] on the device
+    windows: torch.Tensor  # the windows, zero-padded to n_fft and concatenated
+    params: torch.Tensor   # (w_sc, w_log, w_lin, eps) in the compute dtype, on the device
+    use_terms: Tuple[bool, bool, bool]  # which weights are non-zero (terms auraloss computes)
+
+    @property
+    def n_res(self) -> int:
+        return len(self.resolutions)
+
+
+def make_plan(settings, signals: int, length: int, device, dtype) -> STFTPlan:
+    """The plan for these shapes, built once and cached on ``settings``."""
+    key = ("triton-plan", signals, length, torch.device(device), dtype)
+    plan = settings.cache.get(key)
+    if plan is not None:
+        return plan
+    rows, windows = [], []
+    frame_off = spec_off = win_off = 0
+    max_frame_tiles = max_spec_tiles = max_cover = 0
+    for index, res in enumerate(settings.resolutions):
+        n, hop = res.n_fft, res.hop
+        frames = 1 + (length + 2 * (n // 2) - n) // hop
+        bins = n // 2 + 1
+        rows.append((n, hop, frames, bins, frame_off, spec_off, win_off, 0))
+        frame_off += 2 * signals * frames * n
+        spec_off += 2 * signals * frames * bins
+        windows.append(settings.padded_window(index, "cpu", dtype))
+        win_off += n
+        max_frame_tiles = max(max_frame_tiles, triton.cdiv(2 * signals * frames * n, BLOCK))
+        max_spec_tiles = max(max_spec_tiles, triton.cdiv(signals * frames * bins, BLOCK))
+        max_cover = max(max_cover, -(-n // hop))
+    plan = STFTPlan(
+        signals=signals, length=length, resolutions=tuple(rows), frames_numel=frame_off,
+        spec_numel=spec_off, max_frame_tiles=max_frame_tiles, max_spec_tiles=max_spec_tiles,
+        max_cover=max_cover,
+        meta=torch.tensor(rows, dtype=torch.int64).to(device),
+        windows=torch.cat(windows).to(device),
+        params=torch.tensor([settings.w_sc, settings.w_log_mag, settings.w_lin_mag, settings.eps],
+                            dtype=dtype).to(device),
+        use_terms=(settings.w_sc != 0, settings.w_log_mag != 0, settings.w_lin_mag != 0),
+    )
+    if not torch.compiler.is_compiling():  # a traced step keeps its own (graph constants)
+        settings.cache[key] = plan
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _frame_kernel(
+    x_ptr, y_ptr, frames_ptr, meta_ptr, win_ptr, signals, length, channels, width,
+    x_s0, x_s1, x_s2, x_s3, y_s0, y_s1, y_s2, y_s3,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """``frames[r][side, s, f, c] = w_r[c] * sig_side[s, reflect(f*hop - n//2 + c)]``.
+
+    Grid ``(tiles, R)``. Sample ``t`` of row ``s`` is read at
+    ``(s // channels)*s0 + (s % channels)*s1 + (t // width)*s2 + (t % width)*s3``: any strides,
+    no copy of the inputs.
+    """
+    r = tl.program_id(1)
+    n_fft = tl.load(meta_ptr + r * META + N_FFT)
+    hop = tl.load(meta_ptr + r * META + HOP)
+    n_frames = tl.load(meta_ptr + r * META + FRAMES)
+    frame_off = tl.load(meta_ptr + r * META + FRAME_OFF)
+    win_off = tl.load(meta_ptr + r * META + WIN_OFF)
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = e < 2 * signals * n_frames * n_fft
+    row = e // n_fft
+    c = e - row * n_fft
+    side = row // (signals * n_frames)
+    rest = row - side * signals * n_frames
+    s = rest // n_frames
+    f = rest - s * n_frames
+    u = f * hop - n_fft // 2 + c
+    u = tl.where(u < 0, -u, u)
+    u = tl.where(u >= length, 2 * (length - 1) - u, u)
+    sb = s // channels
+    sc = s - sb * channels
+    th = u // width
+    tw = u - th * width
+    is_x = side == 0
+    xv = tl.load(x_ptr + sb * x_s0 + sc * x_s1 + th * x_s2 + tw * x_s3, mask=mask & is_x,
+                 other=0.0)
+    yv = tl.load(y_ptr + sb * y_s0 + sc * y_s1 + th * y_s2 + tw * y_s3, mask=mask & (side == 1),
+                 other=0.0)
+    w = tl.load(win_ptr + win_off + c, mask=mask, other=0.0)
+    value = tl.where(is_x, xv.to(ACC), yv.to(ACC)) * w
+    tl.store(frames_ptr + frame_off + e, value, mask=mask)
+
+
+@triton.jit
+def _magnitudes(spec_ptr, index, mask, eps):
+    """Re, Im, clamped power and magnitude of complex element ``index`` (real-pair layout)."""
+    re = tl.load(spec_ptr + 2 * index, mask=mask, other=0.0)
+    im = tl.load(spec_ptr + 2 * index + 1, mask=mask, other=0.0)
+    power = re * re + im * im
+    clamped = tl.where(power < eps, eps, power)
+    return re, im, power, clamped, tl.sqrt(clamped)
+
+
+@triton.jit
+def _spectral_partials_kernel(
+    spec_ptr, partials_ptr, meta_ptr, params_ptr, signals, max_tiles,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Grid ``(tiles, R)``: ``partials[r, tile] = (sum D^2, sum My^2, sum |ln Mx/My|, sum |D|)``
+    over the tile's (row, frame, bin) elements. Idle tiles of short resolutions write zeros."""
+    r = tl.program_id(1)
+    tile = tl.program_id(0)
+    n_frames = tl.load(meta_ptr + r * META + FRAMES)
+    bins = tl.load(meta_ptr + r * META + BINS)
+    spec_off = tl.load(meta_ptr + r * META + SPEC_OFF)
+    count = signals * n_frames * bins
+    e = tile.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = e < count
+    eps = tl.load(params_ptr + 3).to(ACC)
+    _, _, _, py, my = _magnitudes(spec_ptr, spec_off + count + e, mask, eps)
+    _, _, _, _, mx = _magnitudes(spec_ptr, spec_off + e, mask, eps)
+    diff = mx - my
+    log_ratio = tl.log(mx / my)
+    out = partials_ptr + (r * max_tiles + tile) * 4
+    # One slot per program: in range by construction (grid == (max_tiles, R)).
+    tl.store(out, tl.sum(tl.where(mask, diff * diff, 0.0), axis=0))
+    tl.store(out + 1, tl.sum(tl.where(mask, py, 0.0), axis=0))
+    tl.store(out + 2, tl.sum(tl.where(mask, tl.abs(log_ratio), 0.0), axis=0))
+    tl.store(out + 3, tl.sum(tl.where(mask, tl.abs(diff), 0.0), axis=0))
+
+
+@triton.jit
+def mrstft_from_partials(
+    partials_ptr, meta_ptr, scalars_ptr, n_res, max_tiles, signals, params_ptr,
+    USE_SC: tl.constexpr, USE_LOG: tl.constexpr, USE_LIN: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """(Inside a single-program epilogue; ``params = (w_sc, w_log, w_lin, eps)``.) Sums each resolution's partials in a fixed order,
+    writes the gradient scalars ``(a_r, b_r, c_log, c_lin)`` to ``scalars[r]`` and returns
+    ``MRSTFT = mean_r L_r``. Terms whose weight is 0 are left out, as auraloss leaves them."""
+    zero = tl.full([], 0.0, ACC)
+    total = zero
+    w_sc = tl.load(params_ptr).to(ACC)
+    w_log = tl.load(params_ptr + 1).to(ACC)
+    w_lin = tl.load(params_ptr + 2).to(ACC)
+    inv_res = reciprocal(n_res, ACC)
+    for r in range(0, n_res):
+        acc = tl.zeros([4, BLOCK], dtype=ACC)
+        for start in range(0, max_tiles, BLOCK):
+            idx = start + tl.arange(0, BLOCK)
+            q = tl.arange(0, 4)
+            ptrs = partials_ptr + (r * max_tiles + idx[None, :]) * 4 + q[:, None]
+            acc += tl.load(ptrs, mask=(idx < max_tiles)[None, :], other=0.0)
+        sums = tl.sum(acc, axis=1)
+        q = tl.arange(0, 4)
+        num = tl.sqrt(tl.sum(tl.where(q == 0, sums, 0.0), axis=0))
+        den = tl.sqrt(tl.sum(tl.where(q == 1, sums, 0.0), axis=0))
+        count = (signals * tl.load(meta_ptr + r * META + FRAMES)
+                 * tl.load(meta_ptr + r * META + BINS)).to(ACC)
+        loss_r = zero
+        a_r = zero
+        b_r = zero
+        if USE_SC:
+            loss_r += w_sc * (num / den)
+            a_r = tl.where(num > 0, w_sc * inv_res / (num * den), 0.0)
+            b_r = w_sc * inv_res * num / (den * den * den)
+        if USE_LOG:
+            loss_r += w_log * (tl.sum(tl.where(q == 2, sums, 0.0), axis=0) / count)
+        if USE_LIN:
+            loss_r += w_lin * (tl.sum(tl.where(q == 3, sums, 0.0), axis=0) / count)
+        total += loss_r
+        # One row per resolution: in range by construction (r < n_res).
+        tl.store(scalars_ptr + r * 4, a_r)
+        tl.store(scalars_ptr + r * 4 + 1, b_r)
+        tl.store(scalars_ptr + r * 4 + 2, w_log * inv_res / count)
+        tl.store(scalars_ptr + r * 4 + 3, w_lin * inv_res / count)
+    return total * inv_res
+
+
+@triton.jit
+def _mrstft_epilogue_kernel(
+    partials_ptr, meta_ptr, scalars_ptr, loss_ptr, n_res, max_tiles, signals, params_ptr,
+    USE_SC: tl.constexpr, USE_LOG: tl.constexpr, USE_LIN: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program: the MRSTFT value (the module's loss) and the gradient scalars."""
+    loss = mrstft_from_partials(partials_ptr, meta_ptr, scalars_ptr, n_res, max_tiles, signals,
+                                params_ptr, USE_SC, USE_LOG, USE_LIN, ACC, BLOCK)
+    tl.store(loss_ptr, loss)
+
+
+@triton.jit
+def _spectral_grad_kernel(
+    spec_ptr, meta_ptr, scalars_ptr, params_ptr, signals,
+    GRAD_X: tl.constexpr, GRAD_Y: tl.constexpr,
+    USE_SC: tl.constexpr, USE_LOG: tl.constexpr, USE_LIN: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Grid ``(tiles, R)``: ``G = h dL/dM X / M`` (masked by the clamp), written over ``X``
+    (and over ``Y`` for the target's gradient). Each element is read and written by one
+    program, so the update in place is safe."""
+    r = tl.program_id(1)
+    n_fft = tl.load(meta_ptr + r * META + N_FFT)
+    n_frames = tl.load(meta_ptr + r * META + FRAMES)
+    bins = tl.load(meta_ptr + r * META + BINS)
+    spec_off = tl.load(meta_ptr + r * META + SPEC_OFF)
+    count = signals * n_frames * bins
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = e < count
+    eps = tl.load(params_ptr + 3).to(ACC)
+    xre, xim, px, _, mx = _magnitudes(spec_ptr, spec_off + e, mask, eps)
+    yre, yim, py, _, my = _magnitudes(spec_ptr, spec_off + count + e, mask, eps)
+    a_r = tl.load(scalars_ptr + r * 4)
+    b_r = tl.load(scalars_ptr + r * 4 + 1)
+    c_log = tl.load(scalars_ptr + r * 4 + 2)
+    c_lin = tl.load(scalars_ptr + r * 4 + 3)
+    diff = mx - my
+    sign_log = signum(tl.log(mx / my))
+    sign_lin = signum(diff)
+    j = e % bins
+    half = tl.where((j == 0) | (2 * j == n_fft), 1.0, 0.5)
+    if GRAD_X:
+        g = tl.zeros_like(diff)
+        if USE_SC:
+            g += a_r * diff
+        if USE_LOG:
+            g += c_log * sign_log / mx
+        if USE_LIN:
+            g += c_lin * sign_lin
+        coef = tl.where(px >= eps, g / mx, 0.0) * half
+        tl.store(spec_ptr + 2 * (spec_off + e), coef * xre, mask=mask)
+        tl.store(spec_ptr + 2 * (spec_off + e) + 1, coef * xim, mask=mask)
+    if GRAD_Y:
+        g = tl.zeros_like(diff)
+        if USE_SC:
+            g += -a_r * diff - b_r * my
+        if USE_LOG:
+            g += -c_log * sign_log / my
+        if USE_LIN:
+            g += -c_lin * sign_lin
+        coef = tl.where(py >= eps, g / my, 0.0) * half
+        tl.store(spec_ptr + 2 * (spec_off + count + e), coef * yre, mask=mask)
+        tl.store(spec_ptr + 2 * (spec_off + count + e) + 1, coef * yim, mask=mask)
+
+
+@triton.jit
+def _frames_adjoint_kernel(
+    frames_ptr, meta_ptr, win_ptr, out_ptr, n_res, signals, length, rows, first_side,
+    max_cover, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """``out[row, t] = sum_r sum_{p -> t} sum_{f covers p} w_r[c] * dframe_r[f, c]``,
+    ``c = p - f*hop``, over the padded positions ``p`` that reflect onto ``t``: ``t + pad``,
+    ``pad - t`` (for ``1 <= t <= pad``) and ``pad + 2(T-1) - t`` (for ``T-1-pad <= t <= T-2``).
+    A gather in a fixed order: every output written once, bit-identical run to run."""
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = e < rows * length
+    row = e // length
+    t = e - row * length
+    side = first_side + row // signals
+    s = row - (side - first_side) * signals
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    for r in range(0, n_res):
+        n_fft = tl.load(meta_ptr + r * META + N_FFT)
+        hop = tl.load(meta_ptr + r * META + HOP)
+        n_frames = tl.load(meta_ptr + r * META + FRAMES)
+        frame_off = tl.load(meta_ptr + r * META + FRAME_OFF)
+        win_off = tl.load(meta_ptr + r * META + WIN_OFF)
+        pad = n_fft // 2
+        base = frame_off + (side * signals + s) * n_frames * n_fft
+        for k in tl.static_range(3):
+            if k == 0:
+                p = t + pad
+                valid = mask
+            elif k == 1:
+                p = pad - t
+                valid = mask & (t >= 1) & (t <= pad)
+            else:
+                p = pad + 2 * (length - 1) - t
+                valid = mask & (t >= length - 1 - pad) & (t <= length - 2)
+            last = p // hop
+            for j in range(0, max_cover):
+                f = last - j
+                c = p - f * hop
+                ok = valid & (f >= 0) & (f < n_frames) & (c < n_fft)
+                g = tl.load(frames_ptr + base + f * n_fft + c, mask=ok, other=0.0)
+                w = tl.load(win_ptr + win_off + c, mask=ok, other=0.0)
+                acc += g.to(ACC) * w
+    tl.store(out_ptr + e, acc, mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers (custom ops) and the FFT steps between them
+# --------------------------------------------------------------------------------------------
+
+@triton_op("distill::stft_frames", mutates_args=())
+def stft_frames_op(x: torch.Tensor, y: torch.Tensor, x_strides: List[int],
+                   y_strides: List[int], channels: int, width: int, signals: int, length: int,
+                   meta: torch.Tensor, windows: torch.Tensor, frames_numel: int,
+                   max_tiles: int, n_res: int) -> torch.Tensor:
+    """The windowed frames of every resolution, x rows then y rows, in one flat buffer."""
+    frames = empty((frames_numel,), windows.dtype, windows.device)
+    wrap_triton(_frame_kernel)[(max_tiles, n_res)](
+        x, y, frames, meta, windows, signals, length, channels, width, *x_strides, *y_strides,
+        ACC=tl_dtype(windows.dtype), BLOCK=BLOCK)
+    return frames
+
+
+register_fake(stft_frames_op, lambda x, y, xs, ys, channels, width, signals, length, meta,
+              windows, frames_numel, max_tiles, n_res:
+              empty((frames_numel,), windows.dtype, windows.device))
+
+
+def frame_signals(x: torch.Tensor, y: torch.Tensor, x_layout, y_layout, plan: STFTPlan):
+    """``x_layout``/``y_layout``: ``(channels, width, (s0, s1, s2, s3))`` (see the kernel)."""
+    channels, width, xs = x_layout
+    _, _, ys = y_layout
+    return stft_frames_op(x, y, list(xs), list(ys), channels, width, plan.signals, plan.length,
+                          plan.meta, plan.windows, plan.frames_numel, plan.max_frame_tiles,
+                          plan.n_res)
+
+
+def _views(buffer: torch.Tensor, plan: STFTPlan, spectra: bool, rows: slice):
+    """Per resolution, the ``[rows, n or bins]`` view of the flat frame/spectrum buffer."""
+    views = []
+    for n, _, frames, bins, frame_off, spec_off, _, _ in plan.resolutions:
+        width = bins if spectra else n
+        start = (spec_off if spectra else frame_off) + rows.start * frames * width
+        count = (rows.stop - rows.start) * frames * width
+        views.append(buffer[start:start + count].view(-1, width))
+    return views
+
+
+def spectra_of(frames: torch.Tensor, plan: STFTPlan) -> torch.Tensor:
+    """One ``rfft`` per resolution, each written into its slot of one flat complex buffer."""
+    complex_dtype = torch.complex128 if frames.dtype == torch.float64 else torch.complex64
+    spec = torch.empty(plan.spec_numel, dtype=complex_dtype, device=frames.device)
+    all_rows = slice(0, 2 * plan.signals)
+    for src, dst in zip(_views(frames, plan, False, all_rows), _views(spec, plan, True, all_rows)):
+        torch.fft.rfft(src, dim=-1, out=dst)
+    return spec
+
+
+def inverse_into_frames(spec: torch.Tensor, frames: torch.Tensor, plan: STFTPlan,
+                        sides: slice) -> None:
+    """``irfft(G, norm="forward")`` per resolution for the rows of ``sides`` (0: x, 1: y),
+    written over the frames (no longer needed once the spectra exist)."""
+    rows = slice(sides.start * plan.signals, sides.stop * plan.signals)
+    for (n, *_), src, dst in zip(plan.resolutions, _views(spec, plan, True, rows),
+                                 _views(frames, plan, False, rows)):
+        torch.fft.irfft(src, n=n, dim=-1, norm="forward", out=dst)
+
+
+def _real_dtype(spec: torch.Tensor) -> torch.dtype:
+    return torch.float64 if spec.dtype == torch.complex128 else torch.float32
+
+
+def launch_spectral_partials(spec: torch.Tensor, meta: torch.Tensor, params: torch.Tensor,
+                             signals: int, n_res: int, max_tiles: int) -> torch.Tensor:
+    """``[R, max_tiles, 4]`` partial sums (inside a custom op: one launch)."""
+    dtype = _real_dtype(spec)
+    partials = empty((n_res, max_tiles, 4), dtype, spec.device)
+    wrap_triton(_spectral_partials_kernel)[(max_tiles, n_res)](
+        torch.view_as_real(spec), partials, meta, params, signals, max_tiles,
+        ACC=tl_dtype(dtype), BLOCK=BLOCK)
+    return partials
+
+
+@triton_op("distill::mrstft_reduce", mutates_args=())
+def mrstft_reduce_op(spec: torch.Tensor, meta: torch.Tensor, params: torch.Tensor,
+                     signals: int, n_res: int, max_tiles: int, use_terms: List[bool]
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(MRSTFT, gradient scalars [R, 4])`` from the spectra: partials, then the epilogue."""
+    dtype = _real_dtype(spec)
+    partials = launch_spectral_partials(spec, meta, params, signals, n_res, max_tiles)
+    loss, scalars = empty((), dtype, spec.device), empty((n_res, 4), dtype, spec.device)
+    wrap_triton(_mrstft_epilogue_kernel)[(1,)](
+        partials, meta, scalars, loss, n_res, max_tiles, signals, params,
+        USE_SC=use_terms[0], USE_LOG=use_terms[1], USE_LIN=use_terms[2], ACC=tl_dtype(dtype),
+        BLOCK=BLOCK)
+    return loss, scalars
+
+
+register_fake(mrstft_reduce_op, lambda spec, meta, params, signals, n_res, max_tiles, use_terms:
+              (empty((), _real_dtype(spec), spec.device),
+               empty((n_res, 4), _real_dtype(spec), spec.device)))
+
+
+@triton_op("distill::stft_spectral_grad", mutates_args=("spec",))
+def stft_spectral_grad_op(spec: torch.Tensor, meta: torch.Tensor, scalars: torch.Tensor,
+                          params: torch.Tensor, signals: int, n_res: int, max_tiles: int,
+                          grad_x: bool, grad_y: bool, use_terms: List[bool]) -> None:
+    wrap_triton(_spectral_grad_kernel)[(max_tiles, n_res)](
+        torch.view_as_real(spec), meta, scalars, params, signals, GRAD_X=grad_x, GRAD_Y=grad_y,
+        USE_SC=use_terms[0], USE_LOG=use_terms[1], USE_LIN=use_terms[2],
+        ACC=tl_dtype(_real_dtype(spec)), BLOCK=BLOCK)
+
+
+register_fake(stft_spectral_grad_op, lambda *args: None)
+
+
+@triton_op("distill::stft_frames_adjoint", mutates_args=())
+def stft_frames_adjoint_op(frames: torch.Tensor, meta: torch.Tensor, windows: torch.Tensor,
+                           n_res: int, signals: int, length: int, first_side: int, sides: int,
+                           max_cover: int) -> torch.Tensor:
+    rows = sides * signals
+    out = empty((rows, length), frames.dtype, frames.device)
+    wrap_triton(_frames_adjoint_kernel)[(triton.cdiv(rows * length, BLOCK),)](
+        frames, meta, windows, out, n_res, signals, length, rows, first_side, max_cover,
+        ACC=tl_dtype(frames.dtype), BLOCK=BLOCK)
+    return out
+
+
+register_fake(stft_frames_adjoint_op, lambda frames, meta, windows, n_res, signals, length,
+              first_side, sides, max_cover:
+              empty((sides * signals, length), frames.dtype, frames.device))
+
+
+def signal_gradient(spec, frames, scalars, plan: STFTPlan, grad_x: bool,
+                    grad_y: bool) -> torch.Tensor:
+    """``dMRSTFT/dsignal`` for the x rows, the y rows or both (``[rows, T]``), from the spectra
+    and the epilogue's scalars. Overwrites ``spec`` and ``frames``."""
+    stft_spectral_grad_op(spec, plan.meta, scalars, plan.params, plan.signals, plan.n_res,
+                          plan.max_spec_tiles, grad_x, grad_y, list(plan.use_terms))
+    sides = slice(0 if grad_x else 1, 2 if grad_y else 1)
+    inverse_into_frames(spec, frames, plan, sides)
+    return stft_frames_adjoint_op(frames, plan.meta, plan.windows, plan.n_res, plan.signals,
+                                  plan.length, sides.start, sides.stop - sides.start,
+                                  plan.max_cover)
+
+
+# --------------------------------------------------------------------------------------------
+# The standalone MRSTFT loss (what ``create_stft_loss`` returns runs this on the triton backend)
+# --------------------------------------------------------------------------------------------
+
+def _signal_rows_layout(t: torch.Tensor):
+    """``[B, C, T]`` -> the framing kernel's ``(channels, width, strides)``."""
+    return t.shape[1], t.shape[2], (t.stride(0), t.stride(1), 0, t.stride(2))
+
+
+class _MRSTFTLoss(torch.autograd.Function):
+    """MRSTFT of ``[B, C, T]`` signals, its gradient computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, x, y, settings):
+        dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+        signals, length = x.shape[0] * x.shape[1], x.shape[2]
+        plan = make_plan(settings, signals, length, x.device, dtype)
+        frames = frame_signals(x, y, _signal_rows_layout(x), _signal_rows_layout(y), plan)
+        spec = spectra_of(frames, plan)
+        loss, scalars = mrstft_reduce_op(spec, plan.meta, plan.params, signals, plan.n_res,
+                                         plan.max_spec_tiles, list(plan.use_terms))
+        grad_x, grad_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad = (signal_gradient(spec, frames, scalars, plan, grad_x, grad_y)
+                if grad_x or grad_y else None)
+        ctx.save_for_backward(grad)
+        ctx.shapes = (x.shape, x.dtype, y.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        shape, x_dtype, y_dtype = ctx.shapes
+        grad = torch.where(grad_output != 0, grad * grad_output, 0.0)
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+            gx, gy = grad.chunk(2)
+        else:
+            gx, gy = (grad, None) if ctx.needs_input_grad[0] else (None, grad)
+        return (None if gx is None else gx.view(shape).to(x_dtype),
+                None if gy is None else gy.view(shape).to(y_dtype), None)
+
+
+def mrstft_loss(x: torch.Tensor, y: torch.Tensor, settings) -> torch.Tensor:
+    """MRSTFT of ``[B, C, T]`` tensors of any strides and float dtypes (see the docstring)."""
+    return _MRSTFTLoss.apply(x, y, settings)
+
+
