@@ -56,7 +56,9 @@ def _recon_partials_kernel(
     r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Program p sums tile p: ``partials[0|1|2, p] = S_mag, S_if, S_tm`` over its elements."""
+    """Program p sums tile p: ``partials[0|1|2, p] = S_mag, S_if, S_tm`` over its elements.
+    ``S_if`` and ``S_tm`` run over a signed ``tm`` and may cancel (the IF term is ill-conditioned
+    where mean(tm) is near 0), so the partials are always accumulated in fp64."""
     pid = tl.program_id(0)
     index = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = index < n_elements
@@ -67,29 +69,32 @@ def _recon_partials_kernel(
     tm = tl.load(target_ptr + t_off, mask=mask, other=0.0).to(ACC)
     ti = tl.load(target_ptr + t_off + t_sc, mask=mask, other=0.0).to(ACC)
     # One slot per program: the three stores are in range by construction (grid == n_programs).
-    tl.store(partials_ptr + pid, tl.sum(tl.abs(rm - tm), axis=0))
-    tl.store(partials_ptr + n_programs + pid, tl.sum(tl.abs(ri - ti) * tm, axis=0))
-    tl.store(partials_ptr + 2 * n_programs + pid, tl.sum(tm, axis=0))
+    tl.store(partials_ptr + pid, tl.sum(tl.abs(rm - tm).to(tl.float64), axis=0))
+    tl.store(partials_ptr + n_programs + pid,
+             tl.sum((tl.abs(ri - ti) * tm).to(tl.float64), axis=0))
+    tl.store(partials_ptr + 2 * n_programs + pid, tl.sum(tm.to(tl.float64), axis=0))
 
 
 @triton.jit
 def recon_terms_from_partials(partials_ptr, n_programs, n_elements, if_eps_hi, if_eps_lo,
                               ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """(Inside a single program.) Fixed-order sums of the partials: ``(mag, if, A, M)``."""
-    s_mag = tl.zeros([BLOCK], dtype=ACC)
-    s_if = tl.zeros([BLOCK], dtype=ACC)
-    s_tm = tl.zeros([BLOCK], dtype=ACC)
+    """(Inside a single program.) Fixed-order fp64 sums of the partials: ``(mag, if, A, M)``
+    in the accumulator dtype ``ACC``."""
+    s_mag = tl.zeros([BLOCK], dtype=tl.float64)
+    s_if = tl.zeros([BLOCK], dtype=tl.float64)
+    s_tm = tl.zeros([BLOCK], dtype=tl.float64)
     for start in range(0, n_programs, BLOCK):
         idx = start + tl.arange(0, BLOCK)
         mask = idx < n_programs
         s_mag += tl.load(partials_ptr + idx, mask=mask, other=0.0)
         s_if += tl.load(partials_ptr + n_programs + idx, mask=mask, other=0.0)
         s_tm += tl.load(partials_ptr + 2 * n_programs + idx, mask=mask, other=0.0)
-    inv_n = reciprocal(n_elements, ACC)
+    inv_n = reciprocal(n_elements, tl.float64)
     mean_abs_if = tl.sum(s_if, axis=0) * inv_n
     mean_tm = tl.sum(s_tm, axis=0) * inv_n
-    if_loss = mean_abs_if / (mean_tm + joined(if_eps_hi, if_eps_lo, ACC))
-    return tl.sum(s_mag, axis=0) * inv_n, if_loss, mean_abs_if, mean_tm
+    if_loss = mean_abs_if / (mean_tm + joined(if_eps_hi, if_eps_lo, tl.float64))
+    return ((tl.sum(s_mag, axis=0) * inv_n).to(ACC), if_loss.to(ACC), mean_abs_if.to(ACC),
+            mean_tm.to(ACC))
 
 
 @triton.jit
@@ -179,7 +184,7 @@ def recon_terms_op(recon: torch.Tensor, target: torch.Tensor
     acc = accumulator_dtype(recon, target)
     n, hw, width = _geometry(recon)
     n_programs = triton.cdiv(n, BLOCK)
-    partials = empty((3, n_programs), acc, recon.device)
+    partials = empty((3, n_programs), torch.float64, recon.device)
     mag, if_loss, stats = _forward_outputs(recon, target)
     wrap_triton(_recon_partials_kernel)[(n_programs,)](
         recon, target, partials, n, hw, width, n_programs, *recon.stride(), *target.stride(),

@@ -51,8 +51,9 @@ def rel_err(a, b):
 
 def assert_matches_oracle(batch64, backend, dtype, grad_target=False, **kwargs):
     """The spec's tolerances: float64 within 1e-10 (losses) and 1e-8 (gradients); float32
-    against the float64 oracle within 1e-5 (losses) and max(1e-3, 2 x the float32 oracle's own
-    error) on each gradient."""
+    inputs against the float64 oracle (run on those same inputs, exactly upcast) within 1e-5
+    (losses) and max(1e-3, 2 x the float32 oracle's own error) on each gradient."""
+    batch64 = [t.to(dtype).double() for t in batch64]
     ref_out, ref_grads = run_loss(batch64, "reference", torch.float64, grad_target, **kwargs)
     out, grads = run_loss(batch64, backend, dtype, grad_target, **kwargs)
     loss_tol, grad_tols = 1e-10, [1e-8] * 4

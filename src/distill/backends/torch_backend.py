@@ -197,12 +197,18 @@ def mrstft_loss(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings) -> t
 
 def recon_terms(recon: torch.Tensor, target: torch.Tensor):
     """``mean|rm - tm|`` and ``mean(|ri - ti| * tm) / (mean(tm) + 1e-8)``, through autograd
-    (a handful of passes over ``[B, H, W]``; the gradient for ``target`` comes for free)."""
+    (a handful of passes over ``[B, H, W]``; the gradient for ``target`` comes for free).
+
+    The two IF sums run over a signed ``tm`` and may cancel (mean(tm) near 0 makes the term
+    ill-conditioned): they are accumulated in float64 wherever the device has it (not MPS)."""
     dtype = compute_dtype(recon, target)
     recon, target = recon.to(dtype), target.to(dtype)
     rm, ri, tm, ti = recon[:, 0], recon[:, 1], target[:, 0], target[:, 1]
     mag = (rm - tm).abs().mean()
-    if_loss = ((ri - ti).abs() * tm).mean() / (tm.mean() + 1e-8)
+    acc = dtype if recon.device.type == "mps" else torch.float64
+    count = tm.numel()
+    weighted = ((ri - ti).abs() * tm).sum(dtype=acc) / count
+    if_loss = (weighted / (tm.sum(dtype=acc) / count + 1e-8)).to(dtype)
     return mag, if_loss
 
 

@@ -2,24 +2,30 @@
 tensors under ``TRITON_INTERPRET=1``. Importing this module imports Triton; the backend
 selection treats an ``ImportError`` here as "not available".
 
-Now: the reconstruction terms and the free-bits KL are fused kernels; the STFT term is the
-torch backend's (``torch.stft`` with closed-form gradients).
+``compute_combined_loss`` runs as one fused path (``distill.kernels.combined``); a callable
+``_stft_loss_fn`` or a tensor ``kl_weight`` takes the modular path instead (the fused
+reconstruction and KL ops, the callable called as given, the terms assembled in torch).
 """
 
 from __future__ import annotations
 
+import torch
 import triton  # noqa: F401  (fail here, at selection, when Triton is missing)
 
+from distill.kernels import combined
 from distill.kernels.kl import free_bits_kl
 from distill.kernels.recon import recon_terms
 from distill.kernels.stft import mrstft_loss
 
+from ..mrstft import MRSTFTSettings
 from .common import assemble_combined_loss
 
 name = "triton"
 
 
 def combined_loss(recon, target, mu, logvar, config, kl_weight, stft):
+    if isinstance(stft, MRSTFTSettings) and not isinstance(kl_weight, torch.Tensor):
+        return combined.combined_loss(recon, target, mu, logvar, stft, config, kl_weight)
     return assemble_combined_loss(recon, target, mu, logvar, config, kl_weight, stft,
                                   recon_terms=recon_terms, free_bits_kl=free_bits_kl,
                                   mrstft_loss=mrstft_loss)

@@ -1,0 +1,332 @@
+"""The whole combined loss of ``compute_combined_loss`` in a handful of launches.
+
+Spec steps 1-7 (``distill.models.losses``), fused. With the reconstruction sums and the STFT
+partials of ``recon.py`` and ``stft.py``, one epilogue program computes every output::
+
+    stft  = max(MRSTFT, 0)                          recon = w_rec (w_mag mag + w_if if)
+    kl    = mean_b sum_d max(k, free_bits)          total = w_stft stft + recon (+ kw kl)
+    F     = isfinite(total);  total = F ? total : recon
+
+Backward, for incoming gradients ``g_total, g_stft, g_mag, g_if, g_kl, g_recon`` (absent ones
+are 0), every input's gradient is a combination of per-term gradients::
+
+    c_recon = g_recon + g_total
+    c_mag   = g_mag + w_rec w_mag c_recon          c_if = g_if + w_rec w_if c_recon
+    c_stft  = [MRSTFT >= 0] (g_stft + F w_stft g_total)
+    c_kl    = g_kl + F kw g_total
+
+A zero coefficient gives exactly zero (``0 * nan`` never reaches an input): with ``F = 0`` the
+STFT and KL terms send nothing, and the gradients are ``recon``'s alone.
+
+Launches per forward+backward (R resolutions; the default R = 3 gives 14, with the one that
+``backward()`` makes for its seed gradient): forward ``_frame_kernel``, R ``rfft``,
+``_recon_partials_kernel``, ``_spectral_partials_kernel``, ``_combined_epilogue_kernel`` (the
+KL and its gradient inside), and when a gradient is wanted ``_spectral_grad_kernel``, R
+``irfft``, ``_frames_adjoint_kernel``; backward ``_combined_backward_kernel`` (recon, target,
+mu and logvar gradients in one grid).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (accumulator_dtype, empty, f64_parts, joined, register_fake, tl_dtype,
+                      triton_op, wrap_triton)
+from .kl import free_bits_kl_loop
+from .recon import BLOCK as RECON_BLOCK
+from .recon import IF_EPS, _recon_partials_kernel, recon_grads, recon_terms_from_partials
+from .stft import (BLOCK, frame_signals, launch_spectral_partials, make_plan,
+                   mrstft_from_partials, signal_gradient, spectra_of)
+
+OUTPUTS = ("total_loss", "stft_loss", "mag_recon_loss", "if_recon_loss", "kl_loss",
+           "recon_loss")
+
+
+@triton.jit
+def _combined_epilogue_kernel(
+    stft_partials_ptr, meta_ptr, scalars_ptr, params_ptr, n_res, max_tiles, signals,
+    recon_partials_ptr, n_recon_programs, n_elements,
+    mu_ptr, logvar_ptr, grad_mu_ptr, grad_logvar_ptr, kl_numel, latent_dim,
+    mu_sb, mu_sd, lv_sb, lv_sd,
+    total_ptr, stft_ptr, mag_ptr, if_ptr, kl_ptr, recon_ptr, aux_ptr,
+    if_eps_hi, if_eps_lo, fb_hi, fb_lo, w_stft_hi, w_stft_lo, w_rec_hi, w_rec_lo,
+    w_mag_hi, w_mag_lo, w_if_hi, w_if_lo, kw_hi, kw_lo,
+    USE_SC: tl.constexpr, USE_LOG: tl.constexpr, USE_LIN: tl.constexpr,
+    HAS_KL: tl.constexpr, WRITE_KL_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program: every output of spec steps 1-7, the per-resolution gradient scalars, the
+    KL gradients, and ``aux = (F, [MRSTFT >= 0], A, M)`` for backward."""
+    mrstft = mrstft_from_partials(stft_partials_ptr, meta_ptr, scalars_ptr, n_res, max_tiles,
+                                  signals, params_ptr, USE_SC, USE_LOG, USE_LIN, ACC, BLOCK)
+    stft = tl.where(mrstft < 0, 0.0, mrstft)  # torch.clamp(min=0): NaN stays NaN
+    mag, if_loss, mean_abs_if, mean_tm = recon_terms_from_partials(
+        recon_partials_ptr, n_recon_programs, n_elements, if_eps_hi, if_eps_lo, ACC, BLOCK)
+    recon = joined(w_rec_hi, w_rec_lo, ACC) * (joined(w_mag_hi, w_mag_lo, ACC) * mag
+                                               + joined(w_if_hi, w_if_lo, ACC) * if_loss)
+    kl = free_bits_kl_loop(mu_ptr, logvar_ptr, grad_mu_ptr, grad_logvar_ptr, kl_numel,
+                           latent_dim, mu_sb, mu_sd, lv_sb, lv_sd, fb_hi, fb_lo, WRITE_KL_GRAD,
+                           ACC, BLOCK)
+    total = joined(w_stft_hi, w_stft_lo, ACC) * stft + recon
+    if HAS_KL:
+        total += joined(kw_hi, kw_lo, ACC) * kl
+    finite = (total == total) & (tl.abs(total) != float("inf"))
+    tl.store(total_ptr, tl.where(finite, total, recon))
+    tl.store(stft_ptr, stft)
+    tl.store(mag_ptr, mag)
+    tl.store(if_ptr, if_loss)
+    tl.store(kl_ptr, kl)
+    tl.store(recon_ptr, recon)
+    tl.store(aux_ptr, finite.to(ACC))
+    tl.store(aux_ptr + 1, (mrstft >= 0).to(ACC))
+    tl.store(aux_ptr + 2, mean_abs_if)
+    tl.store(aux_ptr + 3, mean_tm)
+
+
+@triton.jit
+def _incoming(ptr, HAS: tl.constexpr, ACC: tl.constexpr):
+    if HAS:
+        return tl.load(ptr).to(ACC)
+    else:
+        return tl.full([], 0.0, ACC)
+
+
+@triton.jit
+def _strong_scale(c, g):
+    """``c * g``, and exactly 0 where ``c == 0``."""
+    return tl.where(c != 0, c * g, 0.0)
+
+
+@triton.jit
+def _combined_backward_kernel(
+    recon_ptr, target_ptr, unit_ptr, aux_ptr, kl_grad_mu_ptr, kl_grad_lv_ptr,
+    g_total_ptr, g_stft_ptr, g_mag_ptr, g_if_ptr, g_kl_ptr, g_recon_ptr,
+    grad_recon_ptr, grad_target_ptr, grad_mu_ptr, grad_logvar_ptr,
+    n_elements, hw, width, r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw,
+    unit_y_row0, kl_numel, n_recon_programs,
+    if_eps_hi, if_eps_lo, w_stft_hi, w_stft_lo, w_rec_hi, w_rec_lo, w_mag_hi, w_mag_lo,
+    w_if_hi, w_if_lo, kw_hi, kw_lo,
+    HAS_G_TOTAL: tl.constexpr, HAS_G_STFT: tl.constexpr, HAS_G_MAG: tl.constexpr,
+    HAS_G_IF: tl.constexpr, HAS_G_KL: tl.constexpr, HAS_G_RECON: tl.constexpr,
+    GRAD_RECON: tl.constexpr, GRAD_TARGET: tl.constexpr, HAS_UNIT: tl.constexpr,
+    HAS_KL: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Programs ``[0, n_recon_programs)``: ``recon`` (and ``target``) gradients, the STFT term's
+    through the saved signal gradient ``unit``; the rest: ``mu``/``logvar`` gradients."""
+    g_total = _incoming(g_total_ptr, HAS_G_TOTAL, ACC)
+    finite = tl.load(aux_ptr).to(ACC)
+    c_recon = _incoming(g_recon_ptr, HAS_G_RECON, ACC) + g_total
+    w_rec = joined(w_rec_hi, w_rec_lo, ACC)
+    c_mag = _incoming(g_mag_ptr, HAS_G_MAG, ACC) + w_rec * joined(w_mag_hi, w_mag_lo, ACC) * c_recon
+    c_if = _incoming(g_if_ptr, HAS_G_IF, ACC) + w_rec * joined(w_if_hi, w_if_lo, ACC) * c_recon
+    from_total = tl.where(finite != 0, joined(w_stft_hi, w_stft_lo, ACC) * g_total, 0.0)
+    c_stft = tl.where(tl.load(aux_ptr + 1) != 0,
+                      _incoming(g_stft_ptr, HAS_G_STFT, ACC) + from_total, 0.0)
+    c_kl = _incoming(g_kl_ptr, HAS_G_KL, ACC)
+    if HAS_KL:
+        c_kl += tl.where(finite != 0, joined(kw_hi, kw_lo, ACC) * g_total, 0.0)
+
+    pid = tl.program_id(0)
+    if pid < n_recon_programs:
+        index = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = index < n_elements
+        b = index // hw
+        rest = index - b * hw
+        h = rest // width
+        w = rest - h * width
+        r_off = b * r_sb + h * r_sh + w * r_sw
+        t_off = b * t_sb + h * t_sh + w * t_sw
+        rm = tl.load(recon_ptr + r_off, mask=mask, other=0.0).to(ACC)
+        ri = tl.load(recon_ptr + r_off + r_sc, mask=mask, other=0.0).to(ACC)
+        tm = tl.load(target_ptr + t_off, mask=mask, other=0.0).to(ACC)
+        ti = tl.load(target_ptr + t_off + t_sc, mask=mask, other=0.0).to(ACC)
+        grad_rm, grad_ri, grad_tm = recon_grads(rm, ri, tm, ti, c_mag, c_if,
+                                                tl.load(aux_ptr + 2).to(ACC),
+                                                tl.load(aux_ptr + 3).to(ACC), n_elements,
+                                                joined(if_eps_hi, if_eps_lo, ACC), ACC)
+        out = index + b * hw  # contiguous [B, 2, H, W]
+        if GRAD_RECON:
+            if HAS_UNIT:
+                unit_x = tl.load(unit_ptr + index, mask=mask, other=0.0).to(ACC)
+                grad_rm += _strong_scale(c_stft, unit_x)
+            dtype = grad_recon_ptr.dtype.element_ty
+            tl.store(grad_recon_ptr + out, grad_rm.to(dtype), mask=mask)
+            tl.store(grad_recon_ptr + out + hw, grad_ri.to(dtype), mask=mask)
+        if GRAD_TARGET:
+            if HAS_UNIT:
+                unit_y = tl.load(unit_ptr + unit_y_row0 * hw + index, mask=mask,
+                                 other=0.0).to(ACC)
+                grad_tm += _strong_scale(c_stft, unit_y)
+            dtype = grad_target_ptr.dtype.element_ty
+            tl.store(grad_target_ptr + out, grad_tm.to(dtype), mask=mask)
+            tl.store(grad_target_ptr + out + hw, (-grad_ri).to(dtype), mask=mask)
+    else:
+        index = (pid - n_recon_programs).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = index < kl_numel
+        g_mu = tl.load(kl_grad_mu_ptr + index, mask=mask, other=0.0).to(ACC)
+        g_lv = tl.load(kl_grad_lv_ptr + index, mask=mask, other=0.0).to(ACC)
+        tl.store(grad_mu_ptr + index, _strong_scale(c_kl, g_mu).to(
+            grad_mu_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_logvar_ptr + index, _strong_scale(c_kl, g_lv).to(
+            grad_logvar_ptr.dtype.element_ty), mask=mask)
+
+
+def _weights(loss_config, kl_weight: float) -> List[float]:
+    rc = loss_config.reconstruction
+    return [float(v) for v in (loss_config.stft.weight, rc.weight, rc.magnitude_weight,
+                               rc.if_weight, kl_weight)]
+
+
+def _parts(values) -> List[float]:
+    return [p for v in values for p in f64_parts(v)]
+
+
+def _epilogue_outputs(recon, target, mu, logvar, n_res, write_kl_grad):
+    acc = accumulator_dtype(recon, target, mu, logvar)
+    dev = recon.device
+    kl_shape = mu.shape if write_kl_grad else (0,)
+    return ([empty((), acc, dev) for _ in OUTPUTS]
+            + [empty((n_res, 4), acc, dev), empty((4,), acc, dev),
+               empty(kl_shape, acc, dev), empty(kl_shape, acc, dev)])
+
+
+@triton_op("distill::combined_reduce", mutates_args=())
+def combined_reduce_op(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor,
+                       logvar: torch.Tensor, spec: torch.Tensor, meta: torch.Tensor,
+                       params: torch.Tensor, signals: int, n_res: int, max_tiles: int,
+                       use_terms: List[bool], weights: List[float], free_bits: float,
+                       has_kl: bool, write_kl_grad: bool) -> List[torch.Tensor]:
+    """The six losses, then ``scalars [R, 4]``, ``aux [4]``, ``dkl/dmu``, ``dkl/dlogvar``:
+    reconstruction partials, STFT partials, and the epilogue (three launches)."""
+    acc = accumulator_dtype(recon, target, mu, logvar)
+    b, _, h, w = recon.shape
+    n = b * h * w
+    n_recon_programs = triton.cdiv(n, RECON_BLOCK)
+    recon_partials = empty((3, n_recon_programs), torch.float64, recon.device)
+    wrap_triton(_recon_partials_kernel)[(n_recon_programs,)](
+        recon, target, recon_partials, n, h * w, w, n_recon_programs, *recon.stride(),
+        *target.stride(), ACC=tl_dtype(acc), BLOCK=RECON_BLOCK)
+    stft_partials = launch_spectral_partials(spec, meta, params, signals, n_res, max_tiles)
+    outs = _epilogue_outputs(recon, target, mu, logvar, n_res, write_kl_grad)
+    scalars, aux, grad_mu, grad_logvar = outs[6:]
+    wrap_triton(_combined_epilogue_kernel)[(1,)](
+        stft_partials, meta, scalars, params, n_res, max_tiles, signals,
+        recon_partials, n_recon_programs, n,
+        mu, logvar, grad_mu, grad_logvar, mu.numel(), mu.shape[1], *mu.stride(),
+        *logvar.stride(), *outs[:6], aux,
+        *f64_parts(IF_EPS), *f64_parts(free_bits), *_parts(weights),
+        USE_SC=use_terms[0], USE_LOG=use_terms[1], USE_LIN=use_terms[2], HAS_KL=has_kl,
+        WRITE_KL_GRAD=write_kl_grad, ACC=tl_dtype(acc), BLOCK=BLOCK)
+    return outs
+
+
+register_fake(combined_reduce_op,
+              lambda recon, target, mu, logvar, spec, meta, params, signals, n_res, max_tiles,
+              use_terms, weights, free_bits, has_kl, write_kl_grad:
+              _epilogue_outputs(recon, target, mu, logvar, n_res, write_kl_grad))
+
+
+def _backward_outputs(recon, target, mu, logvar_dtype, grad_recon, grad_target, grad_latent):
+    dev = recon.device
+    return [empty(recon.shape if grad_recon else (0,), recon.dtype, dev),
+            empty(target.shape if grad_target else (0,), target.dtype, dev),
+            empty(mu.shape if grad_latent else (0,), mu.dtype, dev),
+            empty(mu.shape if grad_latent else (0,), logvar_dtype, dev)]
+
+
+@triton_op("distill::combined_backward", mutates_args=())
+def combined_backward_op(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor,
+                         logvar_dtype: torch.dtype, unit: Optional[torch.Tensor],
+                         aux: torch.Tensor, kl_grad_mu: torch.Tensor,
+                         kl_grad_logvar: torch.Tensor, grads: List[Optional[torch.Tensor]],
+                         weights: List[float], has_kl: bool, grad_recon: bool,
+                         grad_target: bool, grad_latent: bool) -> List[torch.Tensor]:
+    """Gradients for ``recon``, ``target``, ``mu``, ``logvar`` (empty where not wanted), in one
+    launch."""
+    acc = aux.dtype
+    b, _, h, w = recon.shape
+    n = b * h * w
+    outs = _backward_outputs(recon, target, mu, logvar_dtype, grad_recon, grad_target,
+                             grad_latent)
+    n_recon_programs = triton.cdiv(n, BLOCK) if (grad_recon or grad_target) else 0
+    kl_numel = mu.numel() if grad_latent else 0
+    present = [g for g in grads if g is not None]
+    dummy = present[0] if present else aux
+    grid = (n_recon_programs + triton.cdiv(kl_numel, BLOCK),)
+    if grid[0] == 0:
+        return outs
+    wrap_triton(_combined_backward_kernel)[grid](
+        recon, target, unit if unit is not None else aux, aux, kl_grad_mu, kl_grad_logvar,
+        *[g if g is not None else dummy for g in grads], *outs,
+        n, h * w, w, *recon.stride(), *target.stride(), b if grad_recon else 0, kl_numel,
+        n_recon_programs, *f64_parts(IF_EPS), *_parts(weights),
+        HAS_G_TOTAL=grads[0] is not None, HAS_G_STFT=grads[1] is not None,
+        HAS_G_MAG=grads[2] is not None, HAS_G_IF=grads[3] is not None,
+        HAS_G_KL=grads[4] is not None, HAS_G_RECON=grads[5] is not None,
+        GRAD_RECON=grad_recon, GRAD_TARGET=grad_target, HAS_UNIT=unit is not None,
+        HAS_KL=has_kl, ACC=tl_dtype(acc), BLOCK=BLOCK)
+    return outs
+
+
+register_fake(combined_backward_op,
+              lambda recon, target, mu, logvar_dtype, unit, aux, kl_grad_mu, kl_grad_logvar,
+              grads, weights, has_kl, grad_recon, grad_target, grad_latent:
+              _backward_outputs(recon, target, mu, logvar_dtype, grad_recon, grad_target,
+                                grad_latent))
+
+
+class _CombinedLoss(torch.autograd.Function):
+    """Forward: the six losses, with every gradient that depends only on the inputs computed
+    on the way (the STFT term's as a signal-domain gradient, the KL's per element). Backward:
+    one kernel combining them with the incoming gradients. Gradients of unused outputs are not
+    materialised (no zero-filling launches)."""
+
+    @staticmethod
+    def forward(ctx, recon, target, mu, logvar, settings, loss_config, kl_weight):
+        grad_recon, grad_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_latent = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        ctx.set_materialize_grads(False)
+        dtype = accumulator_dtype(recon, target, mu, logvar)
+        b, _, h, w = recon.shape
+        plan = make_plan(settings, b, h * w, recon.device, dtype)
+        x, y = recon[:, 0], target[:, 0]
+        frames = frame_signals(x, y, _spectrogram_layout(x), _spectrogram_layout(y), plan)
+        spec = spectra_of(frames, plan)
+        weights = _weights(loss_config, kl_weight)
+        outs = combined_reduce_op(recon, target, mu, logvar, spec, plan.meta, plan.params, b,
+                                  plan.n_res, plan.max_spec_tiles, list(plan.use_terms),
+                                  weights, float(loss_config.kl.free_bits), kl_weight > 0,
+                                  grad_latent)
+        scalars, aux, kl_grad_mu, kl_grad_logvar = outs[6:]
+        unit = None
+        if grad_recon or grad_target:
+            unit = signal_gradient(spec, frames, scalars, plan, grad_recon, grad_target)
+        ctx.save_for_backward(recon, target, mu, unit, aux, kl_grad_mu, kl_grad_logvar)
+        ctx.config = (weights, kl_weight > 0, logvar.dtype, grad_recon, grad_target,
+                      grad_latent)
+        return tuple(outs[:6])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        recon, target, mu, unit, aux, kl_grad_mu, kl_grad_logvar = ctx.saved_tensors
+        weights, has_kl, logvar_dtype, grad_recon, grad_target, grad_latent = ctx.config
+        g_recon, g_target, g_mu, g_logvar = combined_backward_op(
+            recon, target, mu, logvar_dtype, unit, aux, kl_grad_mu, kl_grad_logvar,
+            list(grads), weights, has_kl, grad_recon, grad_target, grad_latent)
+        return (g_recon if grad_recon else None, g_target if grad_target else None,
+                g_mu if ctx.needs_input_grad[2] else None,
+                g_logvar if ctx.needs_input_grad[3] else None, None, None, None)
+
+
+def _spectrogram_layout(t: torch.Tensor):
+    """``[B, H, W]`` flattened row-major -> the framing kernel's ``(channels, width, strides)``."""
+    return 1, t.shape[2], (t.stride(0), 0, t.stride(1), t.stride(2))
+
+
+def combined_loss(recon, target, mu, logvar, settings, loss_config, kl_weight: float):
+    """The six losses of ``compute_combined_loss`` (inputs already validated)."""
+    return dict(zip(OUTPUTS, _CombinedLoss.apply(recon, target, mu, logvar, settings,
+                                                 loss_config, float(kl_weight))))
