@@ -132,3 +132,42 @@ def test_non_callable_stft_loss_fn_is_a_type_error(seed):
     batch = make_batch("noise", torch.float32, seed)
     with pytest.raises(TypeError, match="_stft_loss_fn"):
         compute_combined_loss(*batch, _stft_loss_fn=42)
+
+
+@pytest.mark.parametrize("option, value", [("w_phs", 0.1), ("scale", "mel"),
+                                           ("perceptual_weighting", True),
+                                           ("scale_invariance", True), ("reduction", "sum"),
+                                           ("mag_distance", "L2"), ("output", "full")])
+def test_unsupported_auraloss_options_name_the_option(option, value):
+    with pytest.raises(ValueError, match=option):
+        MultiResolutionSTFTLoss(**{option: value})
+    off = {"w_phs": 0.0, "scale": None, "perceptual_weighting": False,
+           "scale_invariance": False, "reduction": "mean", "mag_distance": "L1",
+           "output": "loss"}
+    MultiResolutionSTFTLoss(**{option: off[option]})  # auraloss's "off" value is accepted
+
+
+def test_unknown_argument_is_a_type_error():
+    with pytest.raises(TypeError, match="fft_size"):
+        MultiResolutionSTFTLoss(fft_size=512)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 1, 1031), (1, 2, 777), (3, 2, 1501)],
+                         ids=["B1-C1-odd", "B1-C2-odd", "B3-C2-odd"])
+def test_module_odd_lengths_and_channels(backend, shape, seed):
+    settings = dict(fft_sizes=[256, 128, 64], hop_sizes=[64, 50, 16], win_lengths=[256, 100, 64])
+    g = torch.Generator().manual_seed(seed)
+    x64 = torch.randn(*shape, generator=g, dtype=torch.float64)
+    y64 = torch.randn(*shape, generator=g, dtype=torch.float64)
+    ref_module = auraloss.freq.MultiResolutionSTFTLoss(**settings)
+    ours = MultiResolutionSTFTLoss(**settings, backend=backend)
+    results = []
+    for module in (ref_module, ours):
+        x, y = x64.clone().requires_grad_(), y64.clone().requires_grad_()
+        loss = module(x, y)
+        loss.backward()
+        results.append((loss.detach(), x.grad, y.grad))
+    assert rel_err(results[1][0], results[0][0]) <= 1e-10
+    assert rel_err(results[1][1], results[0][1]) <= 1e-8
+    assert rel_err(results[1][2], results[0][2]) <= 1e-8

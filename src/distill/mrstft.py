@@ -149,6 +149,27 @@ def check_signals(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings) ->
         )
 
 
+# auraloss options this module does not compute, with the values that mean "off".
+_UNSUPPORTED = {"w_phs": 0.0, "scale": None, "perceptual_weighting": False,
+                "scale_invariance": False, "reduction": "mean", "mag_distance": "L1",
+                "output": "loss"}
+# auraloss options that only matter together with an unsupported one (accepted, unused).
+_INERT = {"sample_rate", "n_bins", "device"}
+
+
+def _reject_unsupported(options: dict) -> None:
+    for name, value in options.items():
+        if name in _INERT:
+            continue
+        if name not in _UNSUPPORTED:
+            raise TypeError(f"MultiResolutionSTFTLoss got an unexpected argument {name!r}")
+        if value != _UNSUPPORTED[name]:
+            raise ValueError(
+                f"{name}={value!r} is not supported by distill's MultiResolutionSTFTLoss "
+                f"(only {name}={_UNSUPPORTED[name]!r}); pass an auraloss "
+                "MultiResolutionSTFTLoss as _stft_loss_fn to have it called as given")
+
+
 class MultiResolutionSTFTLoss(torch.nn.Module):
     """Drop-in for ``auraloss.freq.MultiResolutionSTFTLoss`` (its supported options), computed by
     the selected backend. ``forward(input, target)`` takes ``[B, C, T]`` and returns a scalar."""
@@ -164,8 +185,10 @@ class MultiResolutionSTFTLoss(torch.nn.Module):
         w_lin_mag: float = 0.0,
         eps: float = 1e-8,
         backend: Optional[str] = None,
+        **auraloss_options,
     ):
         super().__init__()
+        _reject_unsupported(auraloss_options)
         self.settings = make_settings(fft_sizes, hop_sizes, win_lengths, window,
                                       w_sc, w_log_mag, w_lin_mag, eps)
         self.fft_sizes, self.hop_sizes, self.win_lengths = (

@@ -1,0 +1,108 @@
+"""The triton backend's step: at most 16 launches per forward+backward (Triton kernels plus aten
+operations that launch a kernel; views and allocations left out), and bit-identical results
+run to run."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import FAST_BACKENDS, make_batch, run_loss
+from distill.models import compute_combined_loss, create_stft_loss
+from distill.training import LossConfig
+
+pytestmark = pytest.mark.skipif("triton" not in FAST_BACKENDS,
+                                reason="the triton backend is not available here "
+                                       "(CPU tensors need TRITON_INTERPRET=1)")
+
+# Aten operations that only make views or allocate: no kernel.
+NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view",
+             "_unsafe_view", "_reshape_alias", "slice", "select", "as_strided", "t",
+             "transpose", "permute", "expand", "unsqueeze", "squeeze", "view_as_real",
+             "view_as_complex", "alias", "detach", "lift_fresh", "unbind", "split", "chunk",
+             "resize_", "_neg_view", "_conj", "conj", "split_with_sizes"}
+
+
+class LaunchCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.aten = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        namespace, name = func.namespace, func.__name__.split(".")[0]
+        if namespace == "aten" and name not in NO_KERNEL:
+            self.aten.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def triton_launches(monkeypatch):
+    """Counts every Triton kernel launch of distill.kernels."""
+    import distill.kernels.combined as combined
+    import distill.kernels.kl as kl
+    import distill.kernels.recon as recon
+    import distill.kernels.stft as stft
+
+    launched = []
+
+    def counting(kernel):
+        def at(grid):
+            def launch(*args, **kwargs):
+                launched.append(kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel))
+                return kernel[grid](*args, **kwargs)
+            return launch
+        return type("Counting", (), {"__getitem__": lambda self, grid: at(grid)})()
+
+    for module in (combined, kl, recon, stft):
+        monkeypatch.setattr(module, "wrap_triton", counting)
+    return launched
+
+
+def _step(batch, config, stft_fn, grad_target=False):
+    leaves = [t.clone().requires_grad_(i != 1 or grad_target) for i, t in enumerate(batch)]
+    counter = LaunchCounter()
+    with counter:
+        out = compute_combined_loss(*leaves, config, kl_weight=0.01, _stft_loss_fn=stft_fn,
+                                    backend="triton")
+        out["total_loss"].backward()
+    return counter.aten, out, leaves
+
+
+def test_at_most_16_launches_per_step(triton_launches, seed):
+    config = LossConfig()
+    stft_fn = create_stft_loss(config, "cpu")
+    batch = make_batch("realistic", torch.float32, seed)
+    _step(batch, config, stft_fn)  # warm the per-shape plan, as every step after the first
+    triton_launches.clear()
+    aten, _, _ = _step(batch, config, stft_fn)
+    total = len(aten) + len(triton_launches)
+    print(f"aten: {aten}\ntriton: {triton_launches}\ntotal: {total}")
+    assert triton_launches, "the counter saw no Triton launch"
+    assert aten.count("_fft_r2c") == 3 and aten.count("_fft_c2r") == 3
+    assert total <= 16
+
+
+def test_the_counter_counts(triton_launches, seed):
+    """The same count on the torch backend is far above 16: the test can fail."""
+    config = LossConfig()
+    batch = make_batch("realistic", torch.float32, seed)
+    leaves = [t.clone().requires_grad_(i != 1) for i, t in enumerate(batch)]
+    counter = LaunchCounter()
+    with counter:
+        compute_combined_loss(*leaves, config, kl_weight=0.01,
+                              backend="torch")["total_loss"].backward()
+    assert len(counter.aten) > 16
+
+
+@pytest.mark.parametrize("grad_target", [False, True])
+def test_bit_identical_run_to_run(seed, grad_target):
+    config = LossConfig()
+    stft_fn = create_stft_loss(config, "cpu")
+    batch = make_batch("realistic", torch.float32, seed)
+    first = run_loss(batch, "triton", grad_target=grad_target, loss_config=config,
+                     kl_weight=0.01, _stft_loss_fn=stft_fn)
+    second = run_loss(batch, "triton", grad_target=grad_target, loss_config=config,
+                      kl_weight=0.01, _stft_loss_fn=stft_fn)
+    for key in first[0]:
+        assert torch.equal(first[0][key], second[0][key])
+    for a, b in zip(first[1], second[1]):
+        assert torch.equal(a, b)
