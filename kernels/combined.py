@@ -91,7 +91,7 @@ def _incoming(ptr, HAS: tl.constexpr, ACC: tl.constexpr):
     if HAS:
         return tl.load(ptr).to(ACC)
     else:
-        return tl.full([], 0.0, ACC)
+        return tl.sum(tl.zeros([1], dtype=ACC), axis=0)
 
 
 @triton.jit
