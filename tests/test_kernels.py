@@ -1,6 +1,6 @@
 """The Triton kernels one by one against plain-torch formulas (the oracle's own ops), on CPU
 under TRITON_INTERPRET=1 and on CUDA when a GPU is present. Every buffer a kernel writes is
-poisoned with NaN first, so an element it skips shows up."""
+poisoned with NaN first (conftest.py), so an element it skips shows up."""
 
 import os
 
@@ -18,19 +18,6 @@ DEVICES = [
 ]
 
 triton = pytest.importorskip("triton", reason="Triton is not installed")
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Every kernel output starts as NaN."""
-    import distill.kernels.kl as kl
-    import distill.kernels.recon as recon
-
-    def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    for module in (kl, recon):
-        monkeypatch.setattr(module, "empty", poisoned)
 
 
 def _gen(seed, device):
