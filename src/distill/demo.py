@@ -45,6 +45,39 @@ def _median_ms(step, device, reps):
     return statistics.median(times)
 
 
+def _report(batch, backends, device, reps, config, stft_fn, kl_weight) -> None:
+    """One table: each backend's agreement with the float64 oracle and its speed."""
+    oracle, oracle_grads = _loss_and_grads(batch, "reference", torch.float64, config, stft_fn,
+                                           kl_weight)
+    print("oracle (reference, float64): " + ", ".join(
+        f"{k}={float(v.detach()):.6f}" for k, v in oracle.items()))
+    header = (f"{'backend':<10} {'dtype':<8} {'max loss rel err':>17} {'max grad rel err':>17} "
+              f"{'fwd+bwd ms':>11} {'vs reference':>13}")
+    print(header)
+    print("-" * len(header))
+    baseline = {}
+    for dtype in (torch.float32, torch.float64):
+        for backend in backends:
+            out, grads = _loss_and_grads(batch, backend, dtype, config, stft_fn, kl_weight)
+            loss_err = max(_rel(out[k], oracle[k]) for k in oracle)
+            grad_err = max(_rel(g, g_ref) for g, g_ref in zip(grads, oracle_grads))
+            leaves = [t.detach().to(dtype).requires_grad_(i != 1) for i, t in enumerate(batch)]
+
+            def step():
+                for leaf in leaves:
+                    leaf.grad = None
+                compute_combined_loss(*leaves, config, kl_weight=kl_weight,
+                                      _stft_loss_fn=stft_fn,
+                                      backend=backend)["total_loss"].backward()
+
+            ms = _median_ms(step, device, reps)
+            baseline.setdefault(dtype, ms if backend == "reference" else None)
+            speedup = baseline[dtype] / ms if baseline[dtype] else float("nan")
+            print(f"{backend:<10} {str(dtype).replace('torch.', ''):<8} {loss_err:>17.2e} "
+                  f"{grad_err:>17.2e} {ms:>11.2f} {speedup:>12.2f}x")
+    print()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -59,42 +92,20 @@ def main(argv=None) -> None:
     config = LossConfig()
     kl_weight = 0.01
     stft_fn = create_stft_loss(config, device)
+    backends = available_backends(device)
+    interpreted = device.type == "cpu" and "triton" in backends
     batch = realistic_batch(args.batch, args.height, args.width, args.latent,
                             dtype=torch.float64, device=device, seed=1234)
-    print(f"distill demo: realistic batch recon/target [{args.batch}, 2, {args.height}, "
-          f"{args.width}], mu/logvar [{args.batch}, {args.latent}] on {device}; "
-          f"torch {torch.__version__}")
-
-    oracle, oracle_grads = _loss_and_grads(batch, "reference", torch.float64, config, stft_fn,
-                                           kl_weight)
-    print("oracle (reference, float64): " + ", ".join(
-        f"{k}={float(v.detach()):.6f}" for k, v in oracle.items()))
-    print()
-    header = (f"{'backend':<10} {'dtype':<8} {'max loss rel err':>17} {'max grad rel err':>17} "
-              f"{'fwd+bwd ms':>11} {'vs reference':>13}")
-    print(header)
-    print("-" * len(header))
-    baseline = {}
-    for dtype in (torch.float32, torch.float64):
-        for backend in available_backends(device):
-            out, grads = _loss_and_grads(batch, backend, dtype, config, stft_fn, kl_weight)
-            loss_err = max(_rel(out[k], oracle[k]) for k in oracle)
-            grad_err = max(_rel(g, g_ref) for g, g_ref in zip(grads, oracle_grads))
-            leaves = [t.detach().to(dtype).requires_grad_(i != 1) for i, t in enumerate(batch)]
-
-            def step():
-                for leaf in leaves:
-                    leaf.grad = None
-                compute_combined_loss(*leaves, config, kl_weight=kl_weight,
-                                      _stft_loss_fn=stft_fn,
-                                      backend=backend)["total_loss"].backward()
-
-            ms = _median_ms(step, device, args.reps)
-            baseline.setdefault(dtype, ms if backend == "reference" else None)
-            speedup = baseline[dtype] / ms if baseline[dtype] else float("nan")
-            print(f"{backend:<10} {str(dtype).replace('torch.', ''):<8} {loss_err:>17.2e} "
-                  f"{grad_err:>17.2e} {ms:>11.2f} {speedup:>12.2f}x")
-    print()
+    print(f"distill demo on {device} (torch {torch.__version__}): realistic batch "
+          f"recon/target [{args.batch}, 2, {args.height}, {args.width}], "
+          f"mu/logvar [{args.batch}, {args.latent}]")
+    _report(batch, [b for b in backends if not (interpreted and b == "triton")], device,
+            args.reps, config, stft_fn, kl_weight)
+    if interpreted:
+        small = realistic_batch(2, 16, 67, 8, dtype=torch.float64, device=device, seed=1234)
+        print("triton on CPU runs under TRITON_INTERPRET=1 (numpy, for checking, not speed): "
+              "a small batch recon/target [2, 2, 16, 67], mu/logvar [2, 8]")
+        _report(small, ["reference", "triton"], device, 1, config, stft_fn, kl_weight)
     print("Tolerances (spec): float64 <= 1e-10 on losses, <= 1e-8 on gradients; float32 <= 1e-5 "
           "on losses, gradients no worse than max(1e-3, 2 x the float32 oracle's own error).")
 
