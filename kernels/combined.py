@@ -38,7 +38,8 @@ from ._common import (accumulator_dtype, empty, f64_parts, joined, register_fake
                       triton_op, wrap_triton)
 from .kl import free_bits_kl_loop
 from .recon import BLOCK as RECON_BLOCK
-from .recon import IF_EPS, _recon_partials_kernel, recon_grads, recon_terms_from_partials
+from .recon import (IF_EPS, _recon_partials_kernel, load_channels, recon_grads,
+                    recon_terms_from_partials)
 from .stft import (BLOCK, frame_signals, launch_spectral_partials, make_plan,
                    mrstft_from_partials, signal_gradient, spectra_of)
 
@@ -133,21 +134,13 @@ def _combined_backward_kernel(
     if pid < n_recon_programs:
         index = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = index < n_elements
-        b = index // hw
-        rest = index - b * hw
-        h = rest // width
-        w = rest - h * width
-        r_off = b * r_sb + h * r_sh + w * r_sw
-        t_off = b * t_sb + h * t_sh + w * t_sw
-        rm = tl.load(recon_ptr + r_off, mask=mask, other=0.0).to(ACC)
-        ri = tl.load(recon_ptr + r_off + r_sc, mask=mask, other=0.0).to(ACC)
-        tm = tl.load(target_ptr + t_off, mask=mask, other=0.0).to(ACC)
-        ti = tl.load(target_ptr + t_off + t_sc, mask=mask, other=0.0).to(ACC)
+        rm, ri, tm, ti = load_channels(recon_ptr, target_ptr, index, mask, hw, width,
+                                       r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw, ACC)
         grad_rm, grad_ri, grad_tm = recon_grads(rm, ri, tm, ti, c_mag, c_if,
                                                 tl.load(aux_ptr + 2).to(ACC),
                                                 tl.load(aux_ptr + 3).to(ACC), n_elements,
                                                 joined(if_eps_hi, if_eps_lo, ACC), ACC)
-        out = index + b * hw  # contiguous [B, 2, H, W]
+        out = index + (index // hw) * hw  # contiguous [B, 2, H, W]
         if GRAD_RECON:
             if HAS_UNIT:
                 unit_x = tl.load(unit_ptr + index, mask=mask, other=0.0).to(ACC)

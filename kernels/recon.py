@@ -50,6 +50,19 @@ def _offsets(index, hw, width, s_b, s_h, s_w):
 
 
 @triton.jit
+def load_channels(recon_ptr, target_ptr, index, mask, hw, width,
+                  r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw, ACC: tl.constexpr):
+    """``rm, ri, tm, ti`` at flat indices ``index`` over ``[B, H, W]``, as ``ACC``."""
+    r_off = _offsets(index, hw, width, r_sb, r_sh, r_sw)
+    t_off = _offsets(index, hw, width, t_sb, t_sh, t_sw)
+    rm = tl.load(recon_ptr + r_off, mask=mask, other=0.0).to(ACC)
+    ri = tl.load(recon_ptr + r_off + r_sc, mask=mask, other=0.0).to(ACC)
+    tm = tl.load(target_ptr + t_off, mask=mask, other=0.0).to(ACC)
+    ti = tl.load(target_ptr + t_off + t_sc, mask=mask, other=0.0).to(ACC)
+    return rm, ri, tm, ti
+
+
+@triton.jit
 def _recon_partials_kernel(
     recon_ptr, target_ptr, partials_ptr,
     n_elements, hw, width, n_programs,
@@ -62,12 +75,8 @@ def _recon_partials_kernel(
     pid = tl.program_id(0)
     index = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = index < n_elements
-    r_off = _offsets(index, hw, width, r_sb, r_sh, r_sw)
-    t_off = _offsets(index, hw, width, t_sb, t_sh, t_sw)
-    rm = tl.load(recon_ptr + r_off, mask=mask, other=0.0).to(ACC)
-    ri = tl.load(recon_ptr + r_off + r_sc, mask=mask, other=0.0).to(ACC)
-    tm = tl.load(target_ptr + t_off, mask=mask, other=0.0).to(ACC)
-    ti = tl.load(target_ptr + t_off + t_sc, mask=mask, other=0.0).to(ACC)
+    rm, ri, tm, ti = load_channels(recon_ptr, target_ptr, index, mask, hw, width,
+                                   r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw, ACC)
     # One slot per program: the three stores are in range by construction (grid == n_programs).
     tl.store(partials_ptr + pid, tl.sum(tl.abs(rm - tm).to(tl.float64), axis=0))
     tl.store(partials_ptr + n_programs + pid,
@@ -139,12 +148,8 @@ def _recon_backward_kernel(
     pid = tl.program_id(0)
     index = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = index < n_elements
-    r_off = _offsets(index, hw, width, r_sb, r_sh, r_sw)
-    t_off = _offsets(index, hw, width, t_sb, t_sh, t_sw)
-    rm = tl.load(recon_ptr + r_off, mask=mask, other=0.0).to(ACC)
-    ri = tl.load(recon_ptr + r_off + r_sc, mask=mask, other=0.0).to(ACC)
-    tm = tl.load(target_ptr + t_off, mask=mask, other=0.0).to(ACC)
-    ti = tl.load(target_ptr + t_off + t_sc, mask=mask, other=0.0).to(ACC)
+    rm, ri, tm, ti = load_channels(recon_ptr, target_ptr, index, mask, hw, width,
+                                   r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw, ACC)
 
     grad_rm, grad_ri, grad_tm = recon_grads(
         rm, ri, tm, ti, tl.load(g_mag_ptr).to(ACC), tl.load(g_if_ptr).to(ACC),
