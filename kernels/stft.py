@@ -44,7 +44,7 @@ from ._common import empty, reciprocal, register_fake, signum, tl_dtype, triton_
 
 BLOCK = 1024
 # Columns of the meta table.
-N_FFT, HOP, FRAMES, BINS, FRAME_OFF, SPEC_OFF, WIN_OFF, META = 0, 1, 2, 3, 4, 5, 6, 8
+N_FFT, HOP, FRAMES, BINS, FRAME_OFF, SPEC_OFF, WIN_OFF, META = 0, 1, 2, 3, 4, 5, 6, 7
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,7 +82,7 @@ def make_plan(settings, signals: int, length: int, device, dtype) -> STFTPlan:
         n, hop = res.n_fft, res.hop
         frames = 1 + (length + 2 * (n // 2) - n) // hop
         bins = n // 2 + 1
-        rows.append((n, hop, frames, bins, frame_off, spec_off, win_off, 0))
+        rows.append((n, hop, frames, bins, frame_off, spec_off, win_off))
         frame_off += 2 * signals * frames * n
         spec_off += 2 * signals * frames * bins
         windows.append(settings.padded_window(index, "cpu", dtype))
@@ -383,7 +383,7 @@ def frame_signals(x: torch.Tensor, y: torch.Tensor, x_layout, y_layout, plan: ST
 def _views(buffer: torch.Tensor, plan: STFTPlan, spectra: bool, rows: slice):
     """Per resolution, the ``[rows, n or bins]`` view of the flat frame/spectrum buffer."""
     views = []
-    for n, _, frames, bins, frame_off, spec_off, _, _ in plan.resolutions:
+    for n, _, frames, bins, frame_off, spec_off, _ in plan.resolutions:
         width = bins if spectra else n
         start = (spec_off if spectra else frame_off) + rows.start * frames * width
         count = (rows.stop - rows.start) * frames * width
