@@ -38,13 +38,50 @@ def _kernels(case):
     kl, g_mu, g_lv = free_bits_kl_op(mu, logvar, 0.1, True)
     one = torch.ones((), device=DEVICE)
     bd = mu.numel()
-    return [
+    stft = _stft_kernels(recon, target)
+    return stft + [
         ("recon_forward", lambda: recon_terms_op(recon, target), 4 * n * f32),
         ("recon_backward", lambda: recon_terms_backward_op(recon, target, stats, one, one, False),
          6 * n * f32),
         ("kl_forward", lambda: free_bits_kl_op(mu, logvar, 0.1, True), 4 * bd * f32),
         ("kl_backward", lambda: free_bits_kl_backward_op(g_mu, g_lv, one, torch.float32,
                                                          torch.float32), 4 * bd * f32),
+    ]
+
+
+def _stft_kernels(recon, target):
+    """The STFT path's kernels at the default settings, on the magnitude channels."""
+    from distill.kernels import stft
+    from distill.models import create_stft_loss
+    from distill.training import LossConfig
+
+    settings = create_stft_loss(LossConfig(), DEVICE).settings
+    b, _, h, w = recon.shape
+    plan = stft.make_plan(settings, b, h * w, DEVICE, torch.float32)
+    x, y = recon[:, 0], target[:, 0]
+    layout = [(1, w, (t.stride(0), 0, t.stride(1), t.stride(2))) for t in (x, y)]
+    frames = stft.frame_signals(x, y, *layout, plan)
+    spec = stft.spectra_of(frames, plan)
+    _, scalars = stft.mrstft_reduce_op(spec, plan.meta, plan.params, b, plan.n_res,
+                                       plan.max_spec_tiles, list(plan.use_terms))
+    scratch = spec.clone()
+    f32, c64 = 4, 8
+    signal = b * h * w * f32
+    half_frames = plan.frames_numel // 2
+    return [
+        ("stft_frame", lambda: stft.frame_signals(x, y, *layout, plan),
+         plan.frames_numel * f32 + 2 * signal),
+        ("stft_partials+epilogue", lambda: stft.mrstft_reduce_op(
+            spec, plan.meta, plan.params, b, plan.n_res, plan.max_spec_tiles,
+            list(plan.use_terms)), plan.spec_numel * c64),
+        # Reads X and Y, writes G over X (in place, on a scratch copy of the spectra).
+        ("stft_spectral_grad", lambda: stft.stft_spectral_grad_op(
+            scratch, plan.meta, scalars, plan.params, b, plan.n_res, plan.max_spec_tiles,
+            True, False, list(plan.use_terms)),
+         plan.spec_numel * c64 + plan.spec_numel // 2 * c64),
+        ("stft_frames_adjoint", lambda: stft.stft_frames_adjoint_op(
+            frames, plan.meta, plan.windows, plan.n_res, b, h * w, 0, 1, plan.max_cover),
+         half_frames * f32 + signal),
     ]
 
 
