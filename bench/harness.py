@@ -21,6 +21,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from distill.backends import reference
+
+GROUPING_ENV = "DISTILL_FFT_GROUPING"  # read by distill.kernels.stft (not imported: no Triton)
 from distill.models import compute_combined_loss, create_stft_loss
 from distill.synthetic import realistic_batch
 from distill.training import LossConfig
@@ -74,7 +76,7 @@ def providers(dev: torch.device) -> List[str]:
     names = ["reference", "reference+torch.compile", "torch"]
     if dev.type == "cuda":
         names[2:2] = ["reference+torch.compile(reduce-overhead)"]
-        names.append("triton")
+        names += ["triton", "triton(shared-fft)"]
     return names
 
 
@@ -91,11 +93,18 @@ def make_step(provider: str, case: Case, dev: torch.device, seed: int = 0) -> Ca
         fn = torch.compile(lambda r, t, m, v: reference.combined_loss(
             r, t, m, v, config, 0.01, stft_fn.settings)["total_loss"], mode=mode)
     else:
-        backend = provider
+        # "triton(shared-fft)": one rfft of the largest size for every resolution dividing it.
+        backend, _, variant = provider.partition("(")
+        grouping = "shared" if variant == "shared-fft)" else "per_resolution"
 
         def fn(r, t, m, v):
-            return compute_combined_loss(r, t, m, v, config, kl_weight=0.01,
-                                         _stft_loss_fn=stft_fn, backend=backend)["total_loss"]
+            os.environ[GROUPING_ENV] = grouping
+            try:
+                return compute_combined_loss(r, t, m, v, config, kl_weight=0.01,
+                                             _stft_loss_fn=stft_fn,
+                                             backend=backend)["total_loss"]
+            finally:
+                os.environ.pop(GROUPING_ENV, None)
 
     def step() -> None:
         for leaf in leaves:

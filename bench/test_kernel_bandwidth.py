@@ -76,7 +76,7 @@ def _stft_kernels(recon, target):
             list(plan.use_terms)), plan.spec_numel * c64),
         # Reads X and Y, writes G over X (in place, on a scratch copy of the spectra).
         ("stft_spectral_grad", lambda: stft.stft_spectral_grad_op(
-            scratch, plan.meta, scalars, plan.params, b, plan.n_res, plan.max_spec_tiles,
+            scratch, plan.meta, scalars, plan.params, b, plan.n_res, plan.max_grad_tiles,
             True, False, list(plan.use_terms)),
          plan.spec_numel * c64 + plan.spec_numel // 2 * c64),
         ("stft_frames_adjoint", lambda: stft.stft_frames_adjoint_op(

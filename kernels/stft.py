@@ -33,6 +33,7 @@ Per-resolution geometry lives in a small int64 device table (``meta``), built on
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import List, Tuple
 
@@ -43,8 +44,14 @@ import triton.language as tl
 from ._common import empty, reciprocal, register_fake, signum, tl_dtype, triton_op, wrap_triton
 
 BLOCK = 1024
-# Columns of the meta table.
-N_FFT, HOP, FRAMES, BINS, FRAME_OFF, SPEC_OFF, WIN_OFF, META = 0, 1, 2, 3, 4, 5, 6, 7
+# Columns of the meta table: per resolution, its FFT size, hop, frame count, bins; where its
+# rows start in the frame and spectrum buffers and how far the target's rows lie from the
+# input's (``*_SIDE``); its window; the FFT size its group runs (``FFT_N``) and the bin stride
+# that maps its bin j to bin ``STRIDE * j`` of that FFT.
+(N_FFT, HOP, FRAMES, BINS, FRAME_OFF, FRAME_SIDE, SPEC_OFF, SPEC_SIDE, WIN_OFF, FFT_N,
+ STRIDE, META) = range(12)
+GROUPING_ENV = "DISTILL_FFT_GROUPING"
+GROUPINGS = ("per_resolution", "shared")
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,11 +60,13 @@ class STFTPlan:
 
     signals: int
     length: int
-    resolutions: Tuple[Tuple[int, int, int, int, int, int, int], ...]  # meta rows
+    resolutions: Tuple[Tuple[int, ...], ...]  # meta rows
+    groups: Tuple[Tuple[int, int, int, int], ...]  # (fft_n, frame_start, spec_start, rows/side)
     frames_numel: int      # real elements of the frame buffer (all resolutions, x and y)
     spec_numel: int        # complex elements of the spectrum buffer
     max_frame_tiles: int
-    max_spec_tiles: int
+    max_spec_tiles: int    # tiles over a resolution's (row, bin) elements
+    max_grad_tiles: int    # tiles over a resolution's rows of its group's bins
     max_cover: int         # most frames covering one padded sample, over resolutions
     meta: torch.Tensor     # int64 [R, META] on the device
     windows: torch.Tensor  # the windows, zero-padded to n_fft and concatenated
@@ -69,31 +78,67 @@ class STFTPlan:
         return len(self.resolutions)
 
 
+def fft_groups(fft_sizes, grouping: str) -> List[List[int]]:
+    """Resolutions that share one ``rfft`` call. ``per_resolution``: one call each.
+    ``shared``: a frame zero-padded from n to m = k*n samples has, in its length-m DFT, bin
+    ``k*j`` equal to bin j of its length-n DFT; so one FFT of the largest size serves every
+    resolution whose n divides it (fewer launches, more FLOPs and bytes)."""
+    if grouping not in GROUPINGS:
+        raise ValueError(f"{GROUPING_ENV} must be one of {GROUPINGS}, got {grouping!r}")
+    if grouping == "per_resolution":
+        return [[i] for i in range(len(fft_sizes))]
+    groups: List[List[int]] = []
+    for i in sorted(range(len(fft_sizes)), key=lambda i: -fft_sizes[i]):
+        for group in groups:
+            if fft_sizes[group[0]] % fft_sizes[i] == 0:
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
 def make_plan(settings, signals: int, length: int, device, dtype) -> STFTPlan:
-    """The plan for these shapes, built once and cached on ``settings``."""
-    key = ("triton-plan", signals, length, torch.device(device), dtype)
+    """The plan for these shapes, built once and cached on ``settings``. The FFT grouping comes
+    from ``DISTILL_FFT_GROUPING`` (default ``per_resolution``: less memory)."""
+    grouping = os.environ.get(GROUPING_ENV, "per_resolution")
+    key = ("triton-plan", signals, length, torch.device(device), dtype, grouping)
     plan = settings.cache.get(key)
     if plan is not None:
         return plan
-    rows, windows = [], []
-    frame_off = spec_off = win_off = 0
-    max_frame_tiles = max_spec_tiles = max_cover = 0
-    for index, res in enumerate(settings.resolutions):
-        n, hop = res.n_fft, res.hop
-        frames = 1 + (length + 2 * (n // 2) - n) // hop
-        bins = n // 2 + 1
-        rows.append((n, hop, frames, bins, frame_off, spec_off, win_off))
-        frame_off += 2 * signals * frames * n
-        spec_off += 2 * signals * frames * bins
-        windows.append(settings.padded_window(index, "cpu", dtype))
-        win_off += n
-        max_frame_tiles = max(max_frame_tiles, triton.cdiv(2 * signals * frames * n, BLOCK))
-        max_spec_tiles = max(max_spec_tiles, triton.cdiv(signals * frames * bins, BLOCK))
-        max_cover = max(max_cover, -(-n // hop))
+    sizes = [r.n_fft for r in settings.resolutions]
+    frames = [1 + (length + 2 * (r.n_fft // 2) - r.n_fft) // r.hop for r in settings.resolutions]
+    rows: List[Tuple[int, ...]] = [()] * len(sizes)
+    groups = []
+    frame_start = spec_start = 0
+    max_frame_tiles = max_spec_tiles = max_grad_tiles = 0
+    for members in fft_groups(sizes, grouping):
+        fft_n = sizes[members[0]]
+        spec_row = fft_n // 2 + 1
+        side_rows = sum(signals * frames[i] for i in members)
+        groups.append((fft_n, frame_start, spec_start, side_rows))
+        row = 0
+        for i in members:
+            res, n = settings.resolutions[i], sizes[i]
+            rows[i] = (n, res.hop, frames[i], n // 2 + 1,
+                       frame_start + row * fft_n, side_rows * fft_n,
+                       spec_start + row * spec_row, side_rows * spec_row,
+                       sum(sizes[:i]), fft_n, fft_n // n)
+            row += signals * frames[i]
+            max_frame_tiles = max(max_frame_tiles,
+                                  triton.cdiv(2 * signals * frames[i] * fft_n, BLOCK))
+            max_spec_tiles = max(max_spec_tiles,
+                                 triton.cdiv(signals * frames[i] * (n // 2 + 1), BLOCK))
+            max_grad_tiles = max(max_grad_tiles, triton.cdiv(signals * frames[i] * spec_row,
+                                                             BLOCK))
+        frame_start += 2 * side_rows * fft_n
+        spec_start += 2 * side_rows * spec_row
+    windows = [settings.padded_window(i, "cpu", dtype) for i in range(len(sizes))]
     plan = STFTPlan(
-        signals=signals, length=length, resolutions=tuple(rows), frames_numel=frame_off,
-        spec_numel=spec_off, max_frame_tiles=max_frame_tiles, max_spec_tiles=max_spec_tiles,
-        max_cover=max_cover,
+        signals=signals, length=length, resolutions=tuple(rows), groups=tuple(groups),
+        frames_numel=frame_start, spec_numel=spec_start, max_frame_tiles=max_frame_tiles,
+        max_spec_tiles=max_spec_tiles, max_grad_tiles=max_grad_tiles,
+        max_cover=max(-(-r.n_fft // r.hop) for r in settings.resolutions),
         meta=torch.tensor(rows, dtype=torch.int64).to(device),
         windows=torch.cat(windows).to(device),
         params=torch.tensor([settings.w_sc, settings.w_log_mag, settings.w_lin_mag, settings.eps],
@@ -126,15 +171,18 @@ def _frame_kernel(
     hop = tl.load(meta_ptr + r * META + HOP)
     n_frames = tl.load(meta_ptr + r * META + FRAMES)
     frame_off = tl.load(meta_ptr + r * META + FRAME_OFF)
+    frame_side = tl.load(meta_ptr + r * META + FRAME_SIDE)
     win_off = tl.load(meta_ptr + r * META + WIN_OFF)
+    fft_n = tl.load(meta_ptr + r * META + FFT_N)
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = e < 2 * signals * n_frames * n_fft
-    row = e // n_fft
-    c = e - row * n_fft
+    mask = e < 2 * signals * n_frames * fft_n
+    row = e // fft_n
+    c = e - row * fft_n
     side = row // (signals * n_frames)
     rest = row - side * signals * n_frames
     s = rest // n_frames
     f = rest - s * n_frames
+    in_frame = c < n_fft  # columns past n_fft: the zero padding of a shared, larger FFT
     u = f * hop - n_fft // 2 + c
     u = tl.where(u < 0, -u, u)
     u = tl.where(u >= length, 2 * (length - 1) - u, u)
@@ -143,13 +191,14 @@ def _frame_kernel(
     th = u // width
     tw = u - th * width
     is_x = side == 0
-    xv = tl.load(x_ptr + sb * x_s0 + sc * x_s1 + th * x_s2 + tw * x_s3, mask=mask & is_x,
+    live = mask & in_frame
+    xv = tl.load(x_ptr + sb * x_s0 + sc * x_s1 + th * x_s2 + tw * x_s3, mask=live & is_x,
                  other=0.0)
-    yv = tl.load(y_ptr + sb * y_s0 + sc * y_s1 + th * y_s2 + tw * y_s3, mask=mask & (side == 1),
+    yv = tl.load(y_ptr + sb * y_s0 + sc * y_s1 + th * y_s2 + tw * y_s3, mask=live & (side == 1),
                  other=0.0)
-    w = tl.load(win_ptr + win_off + c, mask=mask, other=0.0)
+    w = tl.load(win_ptr + win_off + c, mask=live, other=0.0)
     value = tl.where(is_x, xv.to(ACC), yv.to(ACC)) * w
-    tl.store(frames_ptr + frame_off + e, value, mask=mask)
+    tl.store(frames_ptr + frame_off + side * frame_side + rest * fft_n + c, value, mask=mask)
 
 
 @triton.jit
@@ -174,12 +223,17 @@ def _spectral_partials_kernel(
     n_frames = tl.load(meta_ptr + r * META + FRAMES)
     bins = tl.load(meta_ptr + r * META + BINS)
     spec_off = tl.load(meta_ptr + r * META + SPEC_OFF)
+    spec_side = tl.load(meta_ptr + r * META + SPEC_SIDE)
+    spec_row = tl.load(meta_ptr + r * META + FFT_N) // 2 + 1
+    stride = tl.load(meta_ptr + r * META + STRIDE)
     count = signals * n_frames * bins
     e = tile.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = e < count
     eps = tl.load(params_ptr + 3).to(ACC)
-    _, _, _, py, my = _magnitudes(spec_ptr, spec_off + count + e, mask, eps)
-    _, _, _, _, mx = _magnitudes(spec_ptr, spec_off + e, mask, eps)
+    row = e // bins
+    x_index = spec_off + row * spec_row + (e - row * bins) * stride
+    _, _, _, py, my = _magnitudes(spec_ptr, x_index + spec_side, mask, eps)
+    _, _, _, _, mx = _magnitudes(spec_ptr, x_index, mask, eps)
     diff = mx - my
     log_ratio = tl.log(mx / my)
     out = partials_ptr + (r * max_tiles + tile) * 4
@@ -263,14 +317,22 @@ def _spectral_grad_kernel(
     r = tl.program_id(1)
     n_fft = tl.load(meta_ptr + r * META + N_FFT)
     n_frames = tl.load(meta_ptr + r * META + FRAMES)
-    bins = tl.load(meta_ptr + r * META + BINS)
     spec_off = tl.load(meta_ptr + r * META + SPEC_OFF)
-    count = signals * n_frames * bins
+    spec_side = tl.load(meta_ptr + r * META + SPEC_SIDE)
+    spec_row = tl.load(meta_ptr + r * META + FFT_N) // 2 + 1
+    stride = tl.load(meta_ptr + r * META + STRIDE)
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = e < count
+    mask = e < signals * n_frames * spec_row
     eps = tl.load(params_ptr + 3).to(ACC)
-    xre, xim, px, _, mx = _magnitudes(spec_ptr, spec_off + e, mask, eps)
-    yre, yim, py, _, my = _magnitudes(spec_ptr, spec_off + count + e, mask, eps)
+    # Every bin of the (shared) FFT row is written: bins that are not this resolution's
+    # (not a multiple of the stride) get 0, so that the irfft sees only this resolution's G.
+    row = e // spec_row
+    bin_ = e - row * spec_row
+    used = mask & (bin_ % stride == 0)
+    j = bin_ // stride
+    x_index = spec_off + row * spec_row + bin_
+    xre, xim, px, _, mx = _magnitudes(spec_ptr, x_index, used, eps)
+    yre, yim, py, _, my = _magnitudes(spec_ptr, x_index + spec_side, used, eps)
     a_r = tl.load(scalars_ptr + r * 4)
     b_r = tl.load(scalars_ptr + r * 4 + 1)
     c_log = tl.load(scalars_ptr + r * 4 + 2)
@@ -278,8 +340,7 @@ def _spectral_grad_kernel(
     diff = mx - my
     sign_log = signum(tl.log(mx / my))
     sign_lin = signum(diff)
-    j = e % bins
-    half = tl.where((j == 0) | (2 * j == n_fft), 1.0, 0.5)
+    half = tl.where(used, tl.where((j == 0) | (2 * j == n_fft), 1.0, 0.5), 0.0)
     if GRAD_X:
         g = tl.zeros_like(diff)
         if USE_SC:
@@ -289,8 +350,8 @@ def _spectral_grad_kernel(
         if USE_LIN:
             g += c_lin * sign_lin
         coef = tl.where(px >= eps, g / mx, 0.0) * half
-        tl.store(spec_ptr + 2 * (spec_off + e), coef * xre, mask=mask)
-        tl.store(spec_ptr + 2 * (spec_off + e) + 1, coef * xim, mask=mask)
+        tl.store(spec_ptr + 2 * x_index, coef * xre, mask=mask)
+        tl.store(spec_ptr + 2 * x_index + 1, coef * xim, mask=mask)
     if GRAD_Y:
         g = tl.zeros_like(diff)
         if USE_SC:
@@ -300,8 +361,8 @@ def _spectral_grad_kernel(
         if USE_LIN:
             g += -c_lin * sign_lin
         coef = tl.where(py >= eps, g / my, 0.0) * half
-        tl.store(spec_ptr + 2 * (spec_off + count + e), coef * yre, mask=mask)
-        tl.store(spec_ptr + 2 * (spec_off + count + e) + 1, coef * yim, mask=mask)
+        tl.store(spec_ptr + 2 * (x_index + spec_side), coef * yre, mask=mask)
+        tl.store(spec_ptr + 2 * (x_index + spec_side) + 1, coef * yim, mask=mask)
 
 
 @triton.jit
@@ -325,9 +386,11 @@ def _frames_adjoint_kernel(
         hop = tl.load(meta_ptr + r * META + HOP)
         n_frames = tl.load(meta_ptr + r * META + FRAMES)
         frame_off = tl.load(meta_ptr + r * META + FRAME_OFF)
+        frame_side = tl.load(meta_ptr + r * META + FRAME_SIDE)
         win_off = tl.load(meta_ptr + r * META + WIN_OFF)
+        fft_n = tl.load(meta_ptr + r * META + FFT_N)
         pad = n_fft // 2
-        base = frame_off + (side * signals + s) * n_frames * n_fft
+        base = frame_off + side * frame_side + s * n_frames * fft_n
         for k in tl.static_range(3):
             if k == 0:
                 p = t + pad
@@ -343,7 +406,7 @@ def _frames_adjoint_kernel(
                 f = last - j
                 c = p - f * hop
                 ok = valid & (f >= 0) & (f < n_frames) & (c < n_fft)
-                g = tl.load(frames_ptr + base + f * n_fft + c, mask=ok, other=0.0)
+                g = tl.load(frames_ptr + base + f * fft_n + c, mask=ok, other=0.0)
                 w = tl.load(win_ptr + win_off + c, mask=ok, other=0.0)
                 acc += g.to(ACC) * w
     tl.store(out_ptr + e, acc, mask=mask)
@@ -380,35 +443,28 @@ def frame_signals(x: torch.Tensor, y: torch.Tensor, x_layout, y_layout, plan: ST
                           plan.n_res)
 
 
-def _views(buffer: torch.Tensor, plan: STFTPlan, spectra: bool, rows: slice):
-    """Per resolution, the ``[rows, n or bins]`` view of the flat frame/spectrum buffer."""
-    views = []
-    for n, _, frames, bins, frame_off, spec_off, _ in plan.resolutions:
-        width = bins if spectra else n
-        start = (spec_off if spectra else frame_off) + rows.start * frames * width
-        count = (rows.stop - rows.start) * frames * width
-        views.append(buffer[start:start + count].view(-1, width))
-    return views
-
-
 def spectra_of(frames: torch.Tensor, plan: STFTPlan) -> torch.Tensor:
-    """One ``rfft`` per resolution, each written into its slot of one flat complex buffer."""
+    """One ``rfft`` per FFT group, each written into its slot of one flat complex buffer."""
     complex_dtype = torch.complex128 if frames.dtype == torch.float64 else torch.complex64
     spec = torch.empty(plan.spec_numel, dtype=complex_dtype, device=frames.device)
-    all_rows = slice(0, 2 * plan.signals)
-    for src, dst in zip(_views(frames, plan, False, all_rows), _views(spec, plan, True, all_rows)):
+    for fft_n, frame_start, spec_start, side_rows in plan.groups:
+        rows = 2 * side_rows
+        src = frames[frame_start:frame_start + rows * fft_n].view(rows, fft_n)
+        dst = spec[spec_start:spec_start + rows * (fft_n // 2 + 1)].view(rows, fft_n // 2 + 1)
         torch.fft.rfft(src, dim=-1, out=dst)
     return spec
 
 
 def inverse_into_frames(spec: torch.Tensor, frames: torch.Tensor, plan: STFTPlan,
                         sides: slice) -> None:
-    """``irfft(G, norm="forward")`` per resolution for the rows of ``sides`` (0: x, 1: y),
+    """``irfft(G, norm="forward")`` per FFT group for the rows of ``sides`` (0: x, 1: y),
     written over the frames (no longer needed once the spectra exist)."""
-    rows = slice(sides.start * plan.signals, sides.stop * plan.signals)
-    for (n, *_), src, dst in zip(plan.resolutions, _views(spec, plan, True, rows),
-                                 _views(frames, plan, False, rows)):
-        torch.fft.irfft(src, n=n, dim=-1, norm="forward", out=dst)
+    for fft_n, frame_start, spec_start, side_rows in plan.groups:
+        spec_row = fft_n // 2 + 1
+        first, rows = sides.start * side_rows, (sides.stop - sides.start) * side_rows
+        src = spec[spec_start + first * spec_row:][:rows * spec_row].view(rows, spec_row)
+        dst = frames[frame_start + first * fft_n:][:rows * fft_n].view(rows, fft_n)
+        torch.fft.irfft(src, n=fft_n, dim=-1, norm="forward", out=dst)
 
 
 def _real_dtype(spec: torch.Tensor) -> torch.dtype:
@@ -481,7 +537,7 @@ def signal_gradient(spec, frames, scalars, plan: STFTPlan, grad_x: bool,
     """``dMRSTFT/dsignal`` for the x rows, the y rows or both (``[rows, T]``), from the spectra
     and the epilogue's scalars. Overwrites ``spec`` and ``frames``."""
     stft_spectral_grad_op(spec, plan.meta, scalars, plan.params, plan.signals, plan.n_res,
-                          plan.max_spec_tiles, grad_x, grad_y, list(plan.use_terms))
+                          plan.max_grad_tiles, grad_x, grad_y, list(plan.use_terms))
     sides = slice(0 if grad_x else 1, 2 if grad_y else 1)
     inverse_into_frames(spec, frames, plan, sides)
     return stft_frames_adjoint_op(frames, plan.meta, plan.windows, plan.n_res, plan.signals,
