@@ -21,13 +21,16 @@ and its gradient, with ``D = Mx - My``, ``K`` the bins of ``r``, ``R`` resolutio
                  covering p, of dL/dframe[f, p - f*hop]                     (a gather: no atomics)
 
 The path, one launch each: ``_frame_kernel`` (all resolutions, x and y, written straight into
-the rows ``rfft`` wants), one ``rfft`` per resolution, ``_spectral_partials_kernel`` (all
+the rows ``rfft`` wants), one ``rfft`` per FFT group, ``_spectral_partials_kernel`` (all
 resolutions at once: per tile ``sum D^2, sum My^2, sum |ln Mx/My|, sum |D|``), an epilogue that
 sums the partials in a fixed order, ``_spectral_grad_kernel`` (G, written over X in place), one
-``irfft`` per resolution (written over the frames), ``_frames_adjoint_kernel``. The gradient is
+``irfft`` per FFT group (written over the frames), ``_frames_adjoint_kernel``. The gradient is
 computed in the forward pass: the spectra are freed at its end and only a ``[S, T]`` gradient is
 kept for backward, which scales it by the incoming gradient.
 
+An FFT group is one resolution (``per_resolution``, the default) or, with
+``DISTILL_FFT_GROUPING=shared``, every resolution whose n divides the group's FFT size m: its
+frames are zero-padded to m and its bin j read at bin ``(m/n) j`` (see ``fft_groups``).
 Per-resolution geometry lives in a small int64 device table (``meta``), built once per shape.
 """
 
