@@ -158,6 +158,16 @@ def make_plan(settings, signals: int, length: int, device, dtype) -> STFTPlan:
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
+def _frame_geometry(meta_ptr, r):
+    """Resolution r's frame layout: ``n_fft, hop, frames, frame_off, frame_side, win_off,
+    fft_n`` (meta rows are in range by construction: ``r < R``)."""
+    row = meta_ptr + r * META
+    return (tl.load(row + N_FFT), tl.load(row + HOP), tl.load(row + FRAMES),
+            tl.load(row + FRAME_OFF), tl.load(row + FRAME_SIDE), tl.load(row + WIN_OFF),
+            tl.load(row + FFT_N))
+
+
+@triton.jit
 def _frame_kernel(
     x_ptr, y_ptr, frames_ptr, meta_ptr, win_ptr, signals, length, channels, width,
     x_s0, x_s1, x_s2, x_s3, y_s0, y_s1, y_s2, y_s3,
@@ -170,13 +180,7 @@ def _frame_kernel(
     no copy of the inputs.
     """
     r = tl.program_id(1)
-    n_fft = tl.load(meta_ptr + r * META + N_FFT)
-    hop = tl.load(meta_ptr + r * META + HOP)
-    n_frames = tl.load(meta_ptr + r * META + FRAMES)
-    frame_off = tl.load(meta_ptr + r * META + FRAME_OFF)
-    frame_side = tl.load(meta_ptr + r * META + FRAME_SIDE)
-    win_off = tl.load(meta_ptr + r * META + WIN_OFF)
-    fft_n = tl.load(meta_ptr + r * META + FFT_N)
+    n_fft, hop, n_frames, frame_off, frame_side, win_off, fft_n = _frame_geometry(meta_ptr, r)
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = e < 2 * signals * n_frames * fft_n
     row = e // fft_n
@@ -205,6 +209,15 @@ def _frame_kernel(
 
 
 @triton.jit
+def _spectrum_geometry(meta_ptr, r):
+    """Resolution r's spectrum layout: ``n_fft, frames, spec_off, spec_side``, the bins of its
+    FFT group's rows and its bin stride there."""
+    row = meta_ptr + r * META
+    return (tl.load(row + N_FFT), tl.load(row + FRAMES), tl.load(row + SPEC_OFF),
+            tl.load(row + SPEC_SIDE), tl.load(row + FFT_N) // 2 + 1, tl.load(row + STRIDE))
+
+
+@triton.jit
 def _magnitudes(spec_ptr, index, mask, eps):
     """Re, Im, clamped power and magnitude of complex element ``index`` (real-pair layout)."""
     re = tl.load(spec_ptr + 2 * index, mask=mask, other=0.0)
@@ -223,12 +236,8 @@ def _spectral_partials_kernel(
     over the tile's (row, frame, bin) elements. Idle tiles of short resolutions write zeros."""
     r = tl.program_id(1)
     tile = tl.program_id(0)
-    n_frames = tl.load(meta_ptr + r * META + FRAMES)
-    bins = tl.load(meta_ptr + r * META + BINS)
-    spec_off = tl.load(meta_ptr + r * META + SPEC_OFF)
-    spec_side = tl.load(meta_ptr + r * META + SPEC_SIDE)
-    spec_row = tl.load(meta_ptr + r * META + FFT_N) // 2 + 1
-    stride = tl.load(meta_ptr + r * META + STRIDE)
+    n_fft, n_frames, spec_off, spec_side, spec_row, stride = _spectrum_geometry(meta_ptr, r)
+    bins = n_fft // 2 + 1
     count = signals * n_frames * bins
     e = tile.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = e < count
@@ -318,12 +327,7 @@ def _spectral_grad_kernel(
     (and over ``Y`` for the target's gradient). Each element is read and written by one
     program, so the update in place is safe."""
     r = tl.program_id(1)
-    n_fft = tl.load(meta_ptr + r * META + N_FFT)
-    n_frames = tl.load(meta_ptr + r * META + FRAMES)
-    spec_off = tl.load(meta_ptr + r * META + SPEC_OFF)
-    spec_side = tl.load(meta_ptr + r * META + SPEC_SIDE)
-    spec_row = tl.load(meta_ptr + r * META + FFT_N) // 2 + 1
-    stride = tl.load(meta_ptr + r * META + STRIDE)
+    n_fft, n_frames, spec_off, spec_side, spec_row, stride = _spectrum_geometry(meta_ptr, r)
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = e < signals * n_frames * spec_row
     eps = tl.load(params_ptr + 3).to(ACC)
@@ -385,13 +389,8 @@ def _frames_adjoint_kernel(
     s = row - (side - first_side) * signals
     acc = tl.zeros([BLOCK], dtype=ACC)
     for r in range(0, n_res):
-        n_fft = tl.load(meta_ptr + r * META + N_FFT)
-        hop = tl.load(meta_ptr + r * META + HOP)
-        n_frames = tl.load(meta_ptr + r * META + FRAMES)
-        frame_off = tl.load(meta_ptr + r * META + FRAME_OFF)
-        frame_side = tl.load(meta_ptr + r * META + FRAME_SIDE)
-        win_off = tl.load(meta_ptr + r * META + WIN_OFF)
-        fft_n = tl.load(meta_ptr + r * META + FFT_N)
+        n_fft, hop, n_frames, frame_off, frame_side, win_off, fft_n = _frame_geometry(meta_ptr,
+                                                                                      r)
         pad = n_fft // 2
         base = frame_off + side * frame_side + s * n_frames * fft_n
         for k in tl.static_range(3):
