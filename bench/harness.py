@@ -3,7 +3,8 @@
 A provider turns a batch into a ``step()`` that runs one forward+backward of
 ``compute_combined_loss``. Timing: CUDA events after warm-up on a GPU, ``perf_counter`` through
 pytest-benchmark on the CPU; medians in both. Peak extra memory: the CUDA allocator's peak on a
-GPU; on a CPU, the peak of the running sum of the profiler's allocation events. Launches: kernels per step counted by the
+GPU; on a CPU, the peak of the running sum of the profiler's allocation events. Launches:
+kernels per step counted by the
 profiler on a GPU (none on a CPU).
 """
 
@@ -146,7 +147,8 @@ def peak_memory_mb(step: Callable[[], None], dev: torch.device) -> Optional[floa
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = sorted((e for e in prof.profiler.kineto_results.events()
-                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
+                     if e.name() == "[memory]"
+                     and e.device_type() == torch.autograd.DeviceType.CPU),
                     key=lambda e: e.start_ns())
     current = peak = 0
     for event in events:

@@ -23,7 +23,8 @@ def render_markdown(docs) -> str:
              "`pytest bench/`). Forward+backward of `compute_combined_loss`, median of repeated "
              "runs on random realistic batches; speed-up over `reference` measured in the same "
              "run. Peak memory: extra bytes one step needs (CUDA allocator on a GPU, the "
-             "profiler's allocation events on a CPU). Launches: GPU kernels per step (profiler).", ""]
+             "profiler's allocation events on a CPU). Launches: GPU kernels per step "
+             "(profiler).", ""]
     for doc in docs:
         lines += [f"## {doc['device']}", "",
                   f"`{doc['file']}`: torch {doc['torch']}, triton {doc['triton']}, "

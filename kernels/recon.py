@@ -16,10 +16,11 @@ incoming gradients and ``sign(0) = 0`` (``torch.abs``'s rule at ties)::
 Forward: ``_recon_partials_kernel`` (one tile per program, three partial sums each, in fp64:
 the IF sums run over a signed ``tm`` and can cancel) and ``_recon_finalize_kernel`` (one program
 summing the partials in a fixed order: deterministic, no atomics). Backward:
-``_recon_backward_kernel``, one pass that reads each input once and writes the gradients. Writing the sign terms in the forward pass instead
-would move as many bytes (4N read + 2N written forward, 2N read + 2N written backward, against
-4N forward and 4N read + 2N written backward) and keep a 2N buffer alive between the passes,
-so the gradient is left to the backward kernel.
+``_recon_backward_kernel``, one pass that reads each input once and writes the gradients.
+Writing the sign terms in the forward pass instead would move as many bytes (4N read + 2N
+written forward, 2N read + 2N written backward, against 4N forward and 4N read + 2N written
+backward) and keep a 2N buffer alive between the passes, so the gradient is left to the
+backward kernel.
 
 Inputs may have any strides (no copy is made); offsets are int64.
 """

@@ -262,9 +262,10 @@ def mrstft_from_partials(
     USE_SC: tl.constexpr, USE_LOG: tl.constexpr, USE_LIN: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """(Inside a single-program epilogue; ``params = (w_sc, w_log, w_lin, eps)``.) Sums each resolution's partials in a fixed order,
-    writes the gradient scalars ``(a_r, b_r, c_log, c_lin)`` to ``scalars[r]`` and returns
-    ``MRSTFT = mean_r L_r``. Terms whose weight is 0 are left out, as auraloss leaves them."""
+    """(Inside a single-program epilogue; ``params = (w_sc, w_log, w_lin, eps)``.) Sums each
+    resolution's partials in a fixed order, writes the gradient scalars
+    ``(a_r, b_r, c_log, c_lin)`` to ``scalars[r]`` and returns ``MRSTFT = mean_r L_r``. Terms
+    whose weight is 0 are left out, as auraloss leaves them."""
     zero = tl.sum(tl.zeros([1], dtype=ACC), axis=0)
     total = zero
     w_sc = tl.load(params_ptr).to(ACC)

@@ -69,7 +69,8 @@ def test_torch_backend_never_calls_angle(seed):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU present: CUDA variant skipped")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA GPU present: CUDA variant skipped")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_no_host_sync_cuda(backend, seed):
     batch = make_batch("realistic", torch.float32, seed, device="cuda")

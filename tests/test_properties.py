@@ -20,7 +20,8 @@ def stft_configs(draw):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(stft=stft_configs(), b=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 40),
        d=st.integers(1, 6), kind=st.sampled_from(["noise", "realistic"]),
        seed=st.integers(0, 2**40))

@@ -15,6 +15,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from . import reference, torch_backend
+
 ENV_VAR = "DISTILL_LOSS_BACKEND"
 NAMES = ("auto", "reference", "torch", "triton")
 
@@ -24,10 +26,7 @@ _MODULES = {"reference": ".reference", "torch": ".torch_backend", "triton": ".tr
 # Backend modules by name. The light ones are imported here; ``triton`` on first use (Triton
 # is optional). ``create_stft_loss(config, device)`` resolves the device's backend once per
 # run, so that a step traced by torch.compile finds it here instead of tracing an import.
-_LOADED: Dict[str, ModuleType] = {
-    "reference": importlib.import_module(".reference", __name__),
-    "torch": importlib.import_module(".torch_backend", __name__),
-}
+_LOADED: Dict[str, ModuleType] = {"reference": reference, "torch": torch_backend}
 _IMPORT_FAILED: Dict[str, str] = {}
 
 
@@ -63,10 +62,14 @@ def select_backend(device, name: Optional[str] = None) -> ModuleType:
     if requested not in NAMES:
         raise ValueError(f"unknown loss backend {requested!r} (from "
                          f"{'the backend argument' if name else ENV_VAR}); available for "
-                         f"{device.type} tensors: {', '.join(['auto'] + available_backends(device))}")
+                         f"{device.type} tensors: "
+                         f"{', '.join(['auto'] + available_backends(device))}")
     if requested == "auto":
         requested = "triton" if device.type == "cuda" and _triton_usable(device) else "torch"
     elif requested not in available_backends(device):
+        why = _IMPORT_FAILED.get(
+            requested, "Triton runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1")
         raise ValueError(f"loss backend {requested!r} is not available for {device.type} tensors "
-                         f"here; available: {', '.join(['auto'] + available_backends(device))}")
+                         f"here ({why}); available: "
+                         f"{', '.join(['auto'] + available_backends(device))}")
     return _load(requested)

@@ -97,7 +97,7 @@ class LossConfig:
 
 @dataclass
 class TrainingConfig:
-    """Training settings; ``loss`` is the nested config, the flat KL fields are kept for old code."""
+    """Training settings; ``loss`` is the nested config, the flat KL fields stay for old code."""
 
     loss: LossConfig = field(default_factory=LossConfig)
     kl_warmup_fraction: float = 0.3
