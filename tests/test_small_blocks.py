@@ -1,0 +1,38 @@
+"""The kernels with tiny blocks, so that every multi-tile path runs on small inputs: many
+programs per resolution, epilogue loops over several chunks of partials, KL tiles."""
+
+import pytest
+import torch
+
+from conftest import FAST_BACKENDS, assert_matches_oracle, make_batch
+from distill.models import MultiResolutionSTFTLoss
+
+pytestmark = pytest.mark.skipif("triton" not in FAST_BACKENDS,
+                                reason="the triton backend is not available here "
+                                       "(CPU tensors need TRITON_INTERPRET=1)")
+
+
+@pytest.fixture
+def tiny_blocks(monkeypatch):
+    import distill.kernels.combined as combined
+    import distill.kernels.kl as kl
+    import distill.kernels.recon as recon
+    import distill.kernels.stft as stft
+
+    # Sizes below make tiles > block (several epilogue chunks) for every reduction.
+    for module, name, block in ((stft, "BLOCK", 32), (combined, "BLOCK", 32), (kl, "BLOCK", 32),
+                                (recon, "BLOCK", 16), (combined, "RECON_BLOCK", 16),
+                                (recon, "FINAL_BLOCK", 8)):
+        monkeypatch.setattr(module, name, block)
+
+
+@pytest.mark.parametrize("grouping", ["per_resolution", "shared"])
+def test_tiny_blocks_match_oracle(tiny_blocks, monkeypatch, seed, grouping):
+    monkeypatch.setenv("DISTILL_FFT_GROUPING", grouping)
+    # A module of its own (fresh settings): plans are sized by the block in force when built.
+    stft_fn = MultiResolutionSTFTLoss(fft_sizes=(64, 128, 32), hop_sizes=(16, 32, 8),
+                                      win_lengths=(64, 100, 32))
+    batch = make_batch("realistic", torch.float64, seed, batch=2, height=8, width=45,
+                       latent_dim=37)
+    assert_matches_oracle(batch, "triton", torch.float64, grad_target=True,
+                          _stft_loss_fn=stft_fn, kl_weight=0.2)
