@@ -68,6 +68,15 @@ def rel_err(a, b):
     return float((a - b).norm() / denom) if denom > 0 else float((a - b).norm())
 
 
+def assert_same_results(got, ref, loss_tol, grad_tol):
+    """``got``/``ref``: ``(losses, grads)`` from ``run_loss``."""
+    (out, grads), (ref_out, ref_grads) = got, ref
+    for key in out:
+        assert rel_err(out[key], ref_out[key]) <= loss_tol, key
+    for g, g_ref in zip(grads, ref_grads):
+        assert rel_err(g, g_ref) <= grad_tol
+
+
 def assert_matches_oracle(batch64, backend, dtype, grad_target=False, **kwargs):
     """The spec's tolerances: float64 within 1e-10 (losses) and 1e-8 (gradients); float32
     inputs against the float64 oracle (run on those same inputs, exactly upcast) within 1e-5
