@@ -51,8 +51,11 @@ BLOCK = 1024
 # rows start in the frame and spectrum buffers and how far the target's rows lie from the
 # input's (``*_SIDE``); its window; the FFT size its group runs (``FFT_N``) and the bin stride
 # that maps its bin j to bin ``STRIDE * j`` of that FFT.
+# They are ``tl.constexpr``: jit code may read a module global only if it is one (compiled
+# Triton raises NameError for a plain int; the interpreter does not check, the ahead-of-time
+# compile test does).
 (N_FFT, HOP, FRAMES, BINS, FRAME_OFF, FRAME_SIDE, SPEC_OFF, SPEC_SIDE, WIN_OFF, FFT_N,
- STRIDE, META) = range(12)
+ STRIDE, META) = (tl.constexpr(column) for column in range(12))
 GROUPING_ENV = "DISTILL_FFT_GROUPING"
 GROUPINGS = ("per_resolution", "shared")
 
