@@ -1,5 +1,10 @@
-"""What every kernel module shares: the ``torch.library`` shims, output allocation (which the
-tests poison), accumulator dtypes and the NaN-preserving sign."""
+"""What every kernel module shares: op registration, output allocation (which the tests
+poison), accumulator dtypes and the NaN-preserving sign.
+
+Loops whose bound is a runtime argument are written ``while i < n: ... i += step``, not
+``for i in range(0, n, step)``: Triton 3.6's interpreter turns such a bound into a Python int
+with ``int()`` of a size-1 array, which NumPy >= 2.4 refuses. Compiled, both are one
+``scf`` loop."""
 
 from __future__ import annotations
 
@@ -9,28 +14,53 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import FakeTensor
 
-# torch >= 2.6 has triton_op/wrap_triton: torch.compile then sees through the kernel launch.
-# Under TRITON_INTERPRET=1 (CPU tensors) wrap_triton cannot trace the interpreted kernels, and
-# older torch lacks it: there the ops are opaque custom ops with explicit fake (meta)
-# implementations, which torch.compile also traces without a graph break.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# torch >= 2.6 has triton_op/wrap_triton: torch.compile then sees through the kernel launches.
+# Under TRITON_INTERPRET=1 the kernels are interpreted functions, which wrap_triton cannot
+# trace (and older torch lacks it): there the ops are opaque custom ops.
 TRACEABLE_KERNELS = hasattr(torch.library, "triton_op") and not INTERPRETED
 
+
+def kernel_op(name: str, *, mutates_args=()):
+    """Register a launcher (a function that allocates its outputs and launches kernels through
+    ``wrap_triton``) as the ``torch.library`` op ``name``, one way for both modes:
+
+    - compiled Triton (a GPU): ``torch.library.triton_op``, whose fake implementation is the
+      launcher itself traced with fake tensors (``wrap_triton`` records the launches);
+    - the interpreter: ``torch.library.custom_op`` whose fake implementation is again the
+      launcher, its launches skipped on fake tensors (``wrap_triton`` below).
+
+    So an op's output shapes, dtypes and strides have one source, the launcher, in both."""
+    def register(launcher):
+        if TRACEABLE_KERNELS:
+            return torch.library.triton_op(name, launcher, mutates_args=mutates_args)
+        op = torch.library.custom_op(name, launcher, mutates_args=mutates_args)
+        op.register_fake(launcher)
+        return op
+    return register
+
+
 if TRACEABLE_KERNELS:
-    triton_op = torch.library.triton_op
     wrap_triton = torch.library.wrap_triton
 else:
-    triton_op = torch.library.custom_op
-
     def wrap_triton(kernel):
-        return kernel
+        """``wrap_triton(kernel)[grid](*args)`` launches ``kernel``, except when an argument is
+        a fake tensor: then the launcher is running as its op's fake implementation, where
+        only the outputs' metadata counts."""
+        return _LaunchUnlessFake(kernel)
 
+    class _LaunchUnlessFake:
+        def __init__(self, kernel):
+            self.kernel = kernel
 
-def register_fake(op, fake):
-    """Give an opaque op its fake implementation (a ``triton_op`` derives its own)."""
-    if not TRACEABLE_KERNELS:
-        op.register_fake(fake)
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                if any(isinstance(a, FakeTensor) for a in (*args, *kwargs.values())):
+                    return None
+                return self.kernel[grid](*args, **kwargs)
+            return launch
 
 
 def empty(shape, dtype, device) -> torch.Tensor:

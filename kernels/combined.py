@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (accumulator_dtype, empty, f64_parts, joined, register_fake, tl_dtype,
-                      triton_op, wrap_triton)
+from ._common import (accumulator_dtype, empty, f64_parts, joined, kernel_op, tl_dtype,
+                      wrap_triton)
 from .kl import free_bits_kl_loop
 from .recon import BLOCK as RECON_BLOCK
 from .recon import (IF_EPS, _recon_partials_kernel, load_channels, recon_grads,
@@ -186,7 +186,7 @@ def _epilogue_outputs(recon, target, mu, logvar, n_res, write_kl_grad):
                empty(kl_shape, acc, dev), empty(kl_shape, acc, dev)])
 
 
-@triton_op("distill::combined_reduce", mutates_args=())
+@kernel_op("distill::combined_reduce", mutates_args=())
 def combined_reduce_op(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor,
                        logvar: torch.Tensor, spec: torch.Tensor, meta: torch.Tensor,
                        params: torch.Tensor, signals: int, n_res: int, max_tiles: int,
@@ -216,12 +216,6 @@ def combined_reduce_op(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tens
     return outs
 
 
-register_fake(combined_reduce_op,
-              lambda recon, target, mu, logvar, spec, meta, params, signals, n_res, max_tiles,
-              use_terms, weights, free_bits, has_kl, write_kl_grad:
-              _epilogue_outputs(recon, target, mu, logvar, n_res, write_kl_grad))
-
-
 def _backward_outputs(recon, target, mu, logvar_dtype, grad_recon, grad_target, grad_latent):
     dev = recon.device
     return [empty(recon.shape if grad_recon else (0,), recon.dtype, dev),
@@ -230,7 +224,7 @@ def _backward_outputs(recon, target, mu, logvar_dtype, grad_recon, grad_target, 
             empty(mu.shape if grad_latent else (0,), logvar_dtype, dev)]
 
 
-@triton_op("distill::combined_backward", mutates_args=())
+@kernel_op("distill::combined_backward", mutates_args=())
 def combined_backward_op(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor,
                          logvar_dtype: torch.dtype, unit: Optional[torch.Tensor],
                          aux: torch.Tensor, kl_grad_mu: torch.Tensor,
@@ -262,13 +256,6 @@ def combined_backward_op(recon: torch.Tensor, target: torch.Tensor, mu: torch.Te
         GRAD_RECON=grad_recon, GRAD_TARGET=grad_target, HAS_UNIT=unit is not None,
         HAS_KL=has_kl, ACC=tl_dtype(acc), BLOCK=BLOCK)
     return outs
-
-
-register_fake(combined_backward_op,
-              lambda recon, target, mu, logvar_dtype, unit, aux, kl_grad_mu, kl_grad_logvar,
-              grads, weights, has_kl, grad_recon, grad_target, grad_latent:
-              _backward_outputs(recon, target, mu, logvar_dtype, grad_recon, grad_target,
-                                grad_latent))
 
 
 class _CombinedLoss(torch.autograd.Function):

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (accumulator_dtype, empty, f64_parts, joined, reciprocal, register_fake,
-                      tl_dtype, triton_op, wrap_triton)
+from ._common import (accumulator_dtype, empty, f64_parts, joined, kernel_op, reciprocal,
+                      tl_dtype, wrap_triton)
 
 BLOCK = 1024
 
@@ -42,7 +42,8 @@ def free_bits_kl_loop(
     free_bits = joined(fb_hi, fb_lo, ACC)
     inv_batch = reciprocal(n_elements // latent_dim, ACC)
     total = tl.zeros([BLOCK], dtype=ACC)
-    for start in range(0, n_elements, BLOCK):
+    start = 0
+    while start < n_elements:  # a while loop, not range(): see _common.py
         index = start + tl.arange(0, BLOCK).to(tl.int64)
         mask = index < n_elements
         b = index // latent_dim
@@ -61,6 +62,7 @@ def free_bits_kl_loop(
                      mask=mask)
             tl.store(grad_logvar_ptr + index,
                      tl.where(active, 0.5 * (var - 1.0) * inv_batch, 0.0).to(dtype), mask=mask)
+        start += BLOCK
     return tl.sum(total, axis=0) * inv_batch
 
 
@@ -106,7 +108,7 @@ def _backward_outputs(grad_mu, grad_logvar, mu_dtype, logvar_dtype):
             empty(grad_logvar.shape, logvar_dtype, grad_logvar.device))
 
 
-@triton_op("distill::free_bits_kl", mutates_args=())
+@kernel_op("distill::free_bits_kl", mutates_args=())
 def free_bits_kl_op(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float, write_grad: bool
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(kl, dkl/dmu, dkl/dlogvar)``, the gradients in the accumulator dtype (empty unless
@@ -120,7 +122,7 @@ def free_bits_kl_op(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float, wr
     return kl, grad_mu, grad_logvar
 
 
-@triton_op("distill::free_bits_kl_backward", mutates_args=())
+@kernel_op("distill::free_bits_kl_backward", mutates_args=())
 def free_bits_kl_backward_op(grad_mu: torch.Tensor, grad_logvar: torch.Tensor,
                              grad_out: torch.Tensor, mu_dtype: torch.dtype,
                              logvar_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -130,13 +132,6 @@ def free_bits_kl_backward_op(grad_mu: torch.Tensor, grad_logvar: torch.Tensor,
         grad_mu, grad_logvar, grad_out, out_mu, out_logvar, n,
         ACC=tl_dtype(grad_mu.dtype), BLOCK=BLOCK)
     return out_mu, out_logvar
-
-
-register_fake(free_bits_kl_op,
-              lambda mu, logvar, free_bits, write_grad: _forward_outputs(mu, logvar, write_grad))
-register_fake(free_bits_kl_backward_op,
-              lambda grad_mu, grad_logvar, grad_out, mu_dtype, logvar_dtype:
-              _backward_outputs(grad_mu, grad_logvar, mu_dtype, logvar_dtype))
 
 
 def _setup_context(ctx, inputs, output):

@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (accumulator_dtype, empty, f64_parts, joined, reciprocal, register_fake,
-                      signum, tl_dtype, triton_op, wrap_triton)
+from ._common import (accumulator_dtype, empty, f64_parts, joined, kernel_op, reciprocal,
+                      signum, tl_dtype, wrap_triton)
 
 IF_EPS = 1e-8
 BLOCK = 1024
@@ -93,12 +93,14 @@ def recon_terms_from_partials(partials_ptr, n_programs, n_elements, if_eps_hi, i
     s_mag = tl.zeros([BLOCK], dtype=tl.float64)
     s_if = tl.zeros([BLOCK], dtype=tl.float64)
     s_tm = tl.zeros([BLOCK], dtype=tl.float64)
-    for start in range(0, n_programs, BLOCK):
+    start = 0
+    while start < n_programs:  # a while loop, not range(): see _common.py
         idx = start + tl.arange(0, BLOCK)
         mask = idx < n_programs
         s_mag += tl.load(partials_ptr + idx, mask=mask, other=0.0)
         s_if += tl.load(partials_ptr + n_programs + idx, mask=mask, other=0.0)
         s_tm += tl.load(partials_ptr + 2 * n_programs + idx, mask=mask, other=0.0)
+        start += BLOCK
     inv_n = reciprocal(n_elements, tl.float64)
     mean_abs_if = tl.sum(s_if, axis=0) * inv_n
     mean_tm = tl.sum(s_tm, axis=0) * inv_n
@@ -183,7 +185,7 @@ def _backward_outputs(recon: torch.Tensor, target: torch.Tensor, target_grad: bo
             empty(target.shape if target_grad else (0,), grad_dtype, target.device))
 
 
-@triton_op("distill::recon_terms", mutates_args=())
+@kernel_op("distill::recon_terms", mutates_args=())
 def recon_terms_op(recon: torch.Tensor, target: torch.Tensor
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(mag, if, stats)``: the two loss terms (0-dim) and ``stats = (A, M)`` for backward."""
@@ -201,7 +203,7 @@ def recon_terms_op(recon: torch.Tensor, target: torch.Tensor
     return mag, if_loss, stats
 
 
-@triton_op("distill::recon_terms_backward", mutates_args=())
+@kernel_op("distill::recon_terms_backward", mutates_args=())
 def recon_terms_backward_op(recon: torch.Tensor, target: torch.Tensor, stats: torch.Tensor,
                             grad_mag: torch.Tensor, grad_if: torch.Tensor, target_grad: bool
                             ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -213,12 +215,6 @@ def recon_terms_backward_op(recon: torch.Tensor, target: torch.Tensor, stats: to
         n, hw, width, *f64_parts(IF_EPS), *recon.stride(), *target.stride(),
         TARGET_GRAD=target_grad, ACC=tl_dtype(acc), BLOCK=BLOCK)
     return grad_recon, grad_target
-
-
-register_fake(recon_terms_op, _forward_outputs)
-register_fake(recon_terms_backward_op,
-              lambda recon, target, stats, grad_mag, grad_if, target_grad:
-              _backward_outputs(recon, target, target_grad))
 
 
 def _setup_context(ctx, inputs, output):

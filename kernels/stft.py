@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty, reciprocal, register_fake, signum, tl_dtype, triton_op, wrap_triton
+from ._common import empty, kernel_op, reciprocal, signum, tl_dtype, wrap_triton
 
 BLOCK = 1024
 # Columns of the meta table: per resolution, its FFT size, hop, frame count, bins; where its
@@ -275,13 +275,16 @@ def mrstft_from_partials(
     w_log = tl.load(params_ptr + 1).to(ACC)
     w_lin = tl.load(params_ptr + 2).to(ACC)
     inv_res = reciprocal(n_res, ACC)
-    for r in range(0, n_res):
+    r = 0
+    while r < n_res:  # a while loop, not range(): see _common.py
         acc = tl.zeros([4, BLOCK], dtype=ACC)
-        for start in range(0, max_tiles, BLOCK):
+        start = 0
+        while start < max_tiles:
             idx = start + tl.arange(0, BLOCK)
             q = tl.arange(0, 4)
             ptrs = partials_ptr + (r * max_tiles + idx[None, :]) * 4 + q[:, None]
             acc += tl.load(ptrs, mask=(idx < max_tiles)[None, :], other=0.0)
+            start += BLOCK
         sums = tl.sum(acc, axis=1)
         q = tl.arange(0, 4)
         num = tl.sqrt(tl.sum(tl.where(q == 0, sums, 0.0), axis=0))
@@ -305,6 +308,7 @@ def mrstft_from_partials(
         tl.store(scalars_ptr + r * 4 + 1, b_r)
         tl.store(scalars_ptr + r * 4 + 2, w_log * inv_res / count)
         tl.store(scalars_ptr + r * 4 + 3, w_lin * inv_res / count)
+        r += 1
     return total * inv_res
 
 
@@ -392,7 +396,8 @@ def _frames_adjoint_kernel(
     side = first_side + row // signals
     s = row - (side - first_side) * signals
     acc = tl.zeros([BLOCK], dtype=ACC)
-    for r in range(0, n_res):
+    r = 0
+    while r < n_res:  # a while loop, not range(): see _common.py
         n_fft, hop, n_frames, frame_off, frame_side, win_off, fft_n = _frame_geometry(meta_ptr,
                                                                                       r)
         pad = n_fft // 2
@@ -408,13 +413,16 @@ def _frames_adjoint_kernel(
                 p = pad + 2 * (length - 1) - t
                 valid = mask & (t >= length - 1 - pad) & (t <= length - 2)
             last = p // hop
-            for j in range(0, max_cover):
+            j = 0
+            while j < max_cover:
                 f = last - j
                 c = p - f * hop
                 ok = valid & (f >= 0) & (f < n_frames) & (c < n_fft)
                 g = tl.load(frames_ptr + base + f * fft_n + c, mask=ok, other=0.0)
                 w = tl.load(win_ptr + win_off + c, mask=ok, other=0.0)
                 acc += g.to(ACC) * w
+                j += 1
+        r += 1
     tl.store(out_ptr + e, acc, mask=mask)
 
 
@@ -422,7 +430,7 @@ def _frames_adjoint_kernel(
 # Launchers (custom ops) and the FFT steps between them
 # --------------------------------------------------------------------------------------------
 
-@triton_op("distill::stft_frames", mutates_args=())
+@kernel_op("distill::stft_frames", mutates_args=())
 def stft_frames_op(x: torch.Tensor, y: torch.Tensor, x_strides: List[int],
                    y_strides: List[int], channels: int, width: int, signals: int, length: int,
                    meta: torch.Tensor, windows: torch.Tensor, frames_numel: int,
@@ -433,11 +441,6 @@ def stft_frames_op(x: torch.Tensor, y: torch.Tensor, x_strides: List[int],
         x, y, frames, meta, windows, signals, length, channels, width, *x_strides, *y_strides,
         ACC=tl_dtype(windows.dtype), BLOCK=BLOCK)
     return frames
-
-
-register_fake(stft_frames_op, lambda x, y, xs, ys, channels, width, signals, length, meta,
-              windows, frames_numel, max_tiles, n_res:
-              empty((frames_numel,), windows.dtype, windows.device))
 
 
 def frame_signals(x: torch.Tensor, y: torch.Tensor, x_layout, y_layout, plan: STFTPlan):
@@ -488,7 +491,7 @@ def launch_spectral_partials(spec: torch.Tensor, meta: torch.Tensor, params: tor
     return partials
 
 
-@triton_op("distill::mrstft_reduce", mutates_args=())
+@kernel_op("distill::mrstft_reduce", mutates_args=())
 def mrstft_reduce_op(spec: torch.Tensor, meta: torch.Tensor, params: torch.Tensor,
                      signals: int, n_res: int, max_tiles: int, use_terms: List[bool]
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -503,12 +506,7 @@ def mrstft_reduce_op(spec: torch.Tensor, meta: torch.Tensor, params: torch.Tenso
     return loss, scalars
 
 
-register_fake(mrstft_reduce_op, lambda spec, meta, params, signals, n_res, max_tiles, use_terms:
-              (empty((), _real_dtype(spec), spec.device),
-               empty((n_res, 4), _real_dtype(spec), spec.device)))
-
-
-@triton_op("distill::stft_spectral_grad", mutates_args=("spec",))
+@kernel_op("distill::stft_spectral_grad", mutates_args=("spec",))
 def stft_spectral_grad_op(spec: torch.Tensor, meta: torch.Tensor, scalars: torch.Tensor,
                           params: torch.Tensor, signals: int, n_res: int, max_tiles: int,
                           grad_x: bool, grad_y: bool, use_terms: List[bool]) -> None:
@@ -518,10 +516,7 @@ def stft_spectral_grad_op(spec: torch.Tensor, meta: torch.Tensor, scalars: torch
         ACC=tl_dtype(_real_dtype(spec)), BLOCK=BLOCK)
 
 
-register_fake(stft_spectral_grad_op, lambda *args: None)
-
-
-@triton_op("distill::stft_frames_adjoint", mutates_args=())
+@kernel_op("distill::stft_frames_adjoint", mutates_args=())
 def stft_frames_adjoint_op(frames: torch.Tensor, meta: torch.Tensor, windows: torch.Tensor,
                            n_res: int, signals: int, length: int, first_side: int, sides: int,
                            max_cover: int) -> torch.Tensor:
@@ -531,11 +526,6 @@ def stft_frames_adjoint_op(frames: torch.Tensor, meta: torch.Tensor, windows: to
         frames, meta, windows, out, n_res, signals, length, rows, first_side, max_cover,
         ACC=tl_dtype(frames.dtype), BLOCK=BLOCK)
     return out
-
-
-register_fake(stft_frames_adjoint_op, lambda frames, meta, windows, n_res, signals, length,
-              first_side, sides, max_cover:
-              empty((sides * signals, length), frames.dtype, frames.device))
 
 
 def signal_gradient(spec, frames, scalars, plan: STFTPlan, grad_x: bool,
