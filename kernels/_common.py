@@ -69,6 +69,17 @@ def empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def index_dtype(block: int, *tensors: torch.Tensor):
+    """``tl.int32`` for the index math over ``tensors`` (any strides) in tiles of ``block``
+    when every element offset, and every tile start, fits in 32 bits, else ``tl.int64``.
+    (A 64-bit integer division is a call to a division routine on NVIDIA GPUs; 32-bit is
+    inline.)"""
+    reach = max(sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1
+                for t in tensors)
+    reach = max([reach] + [t.numel() for t in tensors])
+    return tl.int32 if reach + block <= 2**31 - 1 else tl.int64
+
+
 def accumulator_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """fp32 accumulation; fp64 when an input is fp64 (the float64 oracle tolerance is 1e-10)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32

@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (accumulator_dtype, empty, f64_parts, joined, kernel_op, tl_dtype,
-                      wrap_triton)
+from ._common import (accumulator_dtype, empty, f64_parts, index_dtype, joined, kernel_op,
+                      tl_dtype, wrap_triton)
 from .kl import free_bits_kl_loop
 from .recon import BLOCK as RECON_BLOCK
 from .recon import (IF_EPS, _recon_partials_kernel, load_channels, recon_grads,
@@ -49,7 +49,7 @@ OUTPUTS = ("total_loss", "stft_loss", "mag_recon_loss", "if_recon_loss", "kl_los
 
 @triton.jit
 def _combined_epilogue_kernel(
-    stft_partials_ptr, meta_ptr, scalars_ptr, params_ptr, n_res, max_tiles, signals,
+    stft_partials_ptr, meta_ptr, scalars_ptr, params_ptr, max_tiles, signals,
     recon_partials_ptr, n_recon_programs, n_elements,
     mu_ptr, logvar_ptr, grad_mu_ptr, grad_logvar_ptr, kl_numel, latent_dim,
     mu_sb, mu_sd, lv_sb, lv_sd,
@@ -58,11 +58,12 @@ def _combined_epilogue_kernel(
     w_mag_hi, w_mag_lo, w_if_hi, w_if_lo, kw_hi, kw_lo,
     USE_SC: tl.constexpr, USE_LOG: tl.constexpr, USE_LIN: tl.constexpr,
     HAS_KL: tl.constexpr, WRITE_KL_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    KL_INDEX: tl.constexpr, N_RES: tl.constexpr,
 ):
     """One program: every output of spec steps 1-7, the per-resolution gradient scalars, the
     KL gradients, and ``aux = (F, [MRSTFT >= 0], A, M)`` for backward."""
-    mrstft = mrstft_from_partials(stft_partials_ptr, meta_ptr, scalars_ptr, n_res, max_tiles,
-                                  signals, params_ptr, USE_SC, USE_LOG, USE_LIN, ACC, BLOCK)
+    mrstft = mrstft_from_partials(stft_partials_ptr, meta_ptr, scalars_ptr, max_tiles, signals,
+                                  params_ptr, USE_SC, USE_LOG, USE_LIN, ACC, BLOCK, N_RES)
     stft = tl.where(mrstft < 0, 0.0, mrstft)  # torch.clamp(min=0): NaN stays NaN
     mag, if_loss, mean_abs_if, mean_tm = recon_terms_from_partials(
         recon_partials_ptr, n_recon_programs, n_elements, if_eps_hi, if_eps_lo, ACC, BLOCK)
@@ -70,7 +71,7 @@ def _combined_epilogue_kernel(
                                                + joined(w_if_hi, w_if_lo, ACC) * if_loss)
     kl = free_bits_kl_loop(mu_ptr, logvar_ptr, grad_mu_ptr, grad_logvar_ptr, kl_numel,
                            latent_dim, mu_sb, mu_sd, lv_sb, lv_sd, fb_hi, fb_lo, WRITE_KL_GRAD,
-                           ACC, BLOCK)
+                           ACC, BLOCK, KL_INDEX)
     total = joined(w_stft_hi, w_stft_lo, ACC) * stft + recon
     if HAS_KL:
         total += joined(kw_hi, kw_lo, ACC) * kl
@@ -206,13 +207,14 @@ def combined_reduce_op(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tens
     outs = _epilogue_outputs(recon, target, mu, logvar, n_res, write_kl_grad)
     scalars, aux, grad_mu, grad_logvar = outs[6:]
     wrap_triton(_combined_epilogue_kernel)[(1,)](
-        stft_partials, meta, scalars, params, n_res, max_tiles, signals,
+        stft_partials, meta, scalars, params, max_tiles, signals,
         recon_partials, n_recon_programs, n,
         mu, logvar, grad_mu, grad_logvar, mu.numel(), mu.shape[1], *mu.stride(),
         *logvar.stride(), *outs[:6], aux,
         *f64_parts(IF_EPS), *f64_parts(free_bits), *_parts(weights),
         USE_SC=use_terms[0], USE_LOG=use_terms[1], USE_LIN=use_terms[2], HAS_KL=has_kl,
-        WRITE_KL_GRAD=write_kl_grad, ACC=tl_dtype(acc), BLOCK=BLOCK)
+        WRITE_KL_GRAD=write_kl_grad, ACC=tl_dtype(acc), BLOCK=BLOCK,
+        KL_INDEX=index_dtype(BLOCK, mu, logvar), N_RES=n_res)
     return outs
 
 

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (accumulator_dtype, empty, f64_parts, joined, kernel_op, reciprocal,
-                      tl_dtype, wrap_triton)
+from ._common import (accumulator_dtype, empty, f64_parts, index_dtype, joined, kernel_op,
+                      reciprocal, tl_dtype, wrap_triton)
 
 BLOCK = 1024
 
@@ -35,16 +35,17 @@ BLOCK = 1024
 def free_bits_kl_loop(
     mu_ptr, logvar_ptr, grad_mu_ptr, grad_logvar_ptr,
     n_elements, latent_dim, mu_sb, mu_sd, lv_sb, lv_sd, fb_hi, fb_lo,
-    WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, INDEX: tl.constexpr,
 ):
     """(Inside a single program.) The KL over ``[B, D]`` in tiles, gradients written when
-    ``WRITE_GRAD`` (contiguous ``[B, D]``); returns ``kl``."""
+    ``WRITE_GRAD`` (contiguous ``[B, D]``); returns ``kl``. Index math in ``INDEX``
+    (``index_dtype``)."""
     free_bits = joined(fb_hi, fb_lo, ACC)
     inv_batch = reciprocal(n_elements // latent_dim, ACC)
     total = tl.zeros([BLOCK], dtype=ACC)
-    start = 0
+    start = tl.cast(0, INDEX)
     while start < n_elements:  # a while loop, not range(): see _common.py
-        index = start + tl.arange(0, BLOCK).to(tl.int64)
+        index = start + tl.arange(0, BLOCK)
         mask = index < n_elements
         b = index // latent_dim
         d = index - b * latent_dim
@@ -70,11 +71,11 @@ def free_bits_kl_loop(
 def _kl_forward_kernel(
     mu_ptr, logvar_ptr, kl_ptr, grad_mu_ptr, grad_logvar_ptr,
     n_elements, latent_dim, mu_sb, mu_sd, lv_sb, lv_sd, fb_hi, fb_lo,
-    WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, INDEX: tl.constexpr,
 ):
     kl = free_bits_kl_loop(mu_ptr, logvar_ptr, grad_mu_ptr, grad_logvar_ptr, n_elements,
                            latent_dim, mu_sb, mu_sd, lv_sb, lv_sd, fb_hi, fb_lo, WRITE_GRAD,
-                           ACC, BLOCK)
+                           ACC, BLOCK, INDEX)
     tl.store(kl_ptr, kl)
 
 
@@ -118,7 +119,8 @@ def free_bits_kl_op(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float, wr
     wrap_triton(_kl_forward_kernel)[(1,)](
         mu, logvar, kl, grad_mu, grad_logvar, mu.numel(), mu.shape[1], *mu.stride(),
         *logvar.stride(), *f64_parts(free_bits),
-        WRITE_GRAD=write_grad, ACC=tl_dtype(acc), BLOCK=BLOCK)
+        WRITE_GRAD=write_grad, ACC=tl_dtype(acc), BLOCK=BLOCK,
+        INDEX=index_dtype(BLOCK, mu, logvar))
     return kl, grad_mu, grad_logvar
 
 

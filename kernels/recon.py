@@ -88,8 +88,8 @@ def _recon_partials_kernel(
 @triton.jit
 def recon_terms_from_partials(partials_ptr, n_programs, n_elements, if_eps_hi, if_eps_lo,
                               ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """(Inside a single program.) Fixed-order fp64 sums of the partials: ``(mag, if, A, M)``
-    in the accumulator dtype ``ACC``."""
+    """(Inside a single program.) Fixed-order fp64 sums of the partials, then
+    ``(mag, if, A, M)`` in the accumulator dtype ``ACC``."""
     s_mag = tl.zeros([BLOCK], dtype=tl.float64)
     s_if = tl.zeros([BLOCK], dtype=tl.float64)
     s_tm = tl.zeros([BLOCK], dtype=tl.float64)
@@ -101,12 +101,13 @@ def recon_terms_from_partials(partials_ptr, n_programs, n_elements, if_eps_hi, i
         s_if += tl.load(partials_ptr + n_programs + idx, mask=mask, other=0.0)
         s_tm += tl.load(partials_ptr + 2 * n_programs + idx, mask=mask, other=0.0)
         start += BLOCK
-    inv_n = reciprocal(n_elements, tl.float64)
-    mean_abs_if = tl.sum(s_if, axis=0) * inv_n
-    mean_tm = tl.sum(s_tm, axis=0) * inv_n
-    if_loss = mean_abs_if / (mean_tm + joined(if_eps_hi, if_eps_lo, tl.float64))
-    return ((tl.sum(s_mag, axis=0) * inv_n).to(ACC), if_loss.to(ACC), mean_abs_if.to(ACC),
-            mean_tm.to(ACC))
+    # The sums are exact enough in fp64; the means and the quotient need no more than ACC
+    # (and an fp32 program then calls no fp64 division routine).
+    inv_n = reciprocal(n_elements, ACC)
+    mean_abs_if = tl.sum(s_if, axis=0).to(ACC) * inv_n
+    mean_tm = tl.sum(s_tm, axis=0).to(ACC) * inv_n
+    if_loss = mean_abs_if / (mean_tm + joined(if_eps_hi, if_eps_lo, ACC))
+    return tl.sum(s_mag, axis=0).to(ACC) * inv_n, if_loss, mean_abs_if, mean_tm
 
 
 @triton.jit

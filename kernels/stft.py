@@ -56,6 +56,9 @@ BLOCK = 1024
 # compile test does).
 (N_FFT, HOP, FRAMES, BINS, FRAME_OFF, FRAME_SIDE, SPEC_OFF, SPEC_SIDE, WIN_OFF, FFT_N,
  STRIDE, META) = (tl.constexpr(column) for column in range(12))
+# 8 elements per thread in the gather of ``_frames_adjoint_kernel`` take 255 registers (and
+# spill) in fp64 on sm_80; 4 per thread fit.
+ADJOINT_WARPS = 8
 GROUPING_ENV = "DISTILL_FFT_GROUPING"
 GROUPINGS = ("per_resolution", "shared")
 
@@ -261,9 +264,9 @@ def _spectral_partials_kernel(
 
 @triton.jit
 def mrstft_from_partials(
-    partials_ptr, meta_ptr, scalars_ptr, n_res, max_tiles, signals, params_ptr,
+    partials_ptr, meta_ptr, scalars_ptr, max_tiles, signals, params_ptr,
     USE_SC: tl.constexpr, USE_LOG: tl.constexpr, USE_LIN: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr, N_RES: tl.constexpr,
 ):
     """(Inside a single-program epilogue; ``params = (w_sc, w_log, w_lin, eps)``.) Sums each
     resolution's partials in a fixed order, writes the gradient scalars
@@ -274,9 +277,8 @@ def mrstft_from_partials(
     w_sc = tl.load(params_ptr).to(ACC)
     w_log = tl.load(params_ptr + 1).to(ACC)
     w_lin = tl.load(params_ptr + 2).to(ACC)
-    inv_res = reciprocal(n_res, ACC)
-    r = 0
-    while r < n_res:  # a while loop, not range(): see _common.py
+    inv_res = reciprocal(N_RES, ACC)
+    for r in tl.static_range(N_RES):
         acc = tl.zeros([4, BLOCK], dtype=ACC)
         start = 0
         while start < max_tiles:
@@ -303,24 +305,23 @@ def mrstft_from_partials(
         if USE_LIN:
             loss_r += w_lin * (tl.sum(tl.where(q == 3, sums, 0.0), axis=0) / count)
         total += loss_r
-        # One row per resolution: in range by construction (r < n_res).
+        # One row per resolution: in range by construction (r < N_RES).
         tl.store(scalars_ptr + r * 4, a_r)
         tl.store(scalars_ptr + r * 4 + 1, b_r)
         tl.store(scalars_ptr + r * 4 + 2, w_log * inv_res / count)
         tl.store(scalars_ptr + r * 4 + 3, w_lin * inv_res / count)
-        r += 1
     return total * inv_res
 
 
 @triton.jit
 def _mrstft_epilogue_kernel(
-    partials_ptr, meta_ptr, scalars_ptr, loss_ptr, n_res, max_tiles, signals, params_ptr,
+    partials_ptr, meta_ptr, scalars_ptr, loss_ptr, max_tiles, signals, params_ptr,
     USE_SC: tl.constexpr, USE_LOG: tl.constexpr, USE_LIN: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr, N_RES: tl.constexpr,
 ):
     """One program: the MRSTFT value (the module's loss) and the gradient scalars."""
-    loss = mrstft_from_partials(partials_ptr, meta_ptr, scalars_ptr, n_res, max_tiles, signals,
-                                params_ptr, USE_SC, USE_LOG, USE_LIN, ACC, BLOCK)
+    loss = mrstft_from_partials(partials_ptr, meta_ptr, scalars_ptr, max_tiles, signals,
+                                params_ptr, USE_SC, USE_LOG, USE_LIN, ACC, BLOCK, N_RES)
     tl.store(loss_ptr, loss)
 
 
@@ -500,9 +501,9 @@ def mrstft_reduce_op(spec: torch.Tensor, meta: torch.Tensor, params: torch.Tenso
     partials = launch_spectral_partials(spec, meta, params, signals, n_res, max_tiles)
     loss, scalars = empty((), dtype, spec.device), empty((n_res, 4), dtype, spec.device)
     wrap_triton(_mrstft_epilogue_kernel)[(1,)](
-        partials, meta, scalars, loss, n_res, max_tiles, signals, params,
+        partials, meta, scalars, loss, max_tiles, signals, params,
         USE_SC=use_terms[0], USE_LOG=use_terms[1], USE_LIN=use_terms[2], ACC=tl_dtype(dtype),
-        BLOCK=BLOCK)
+        BLOCK=BLOCK, N_RES=n_res)
     return loss, scalars
 
 
@@ -524,7 +525,7 @@ def stft_frames_adjoint_op(frames: torch.Tensor, meta: torch.Tensor, windows: to
     out = empty((rows, length), frames.dtype, frames.device)
     wrap_triton(_frames_adjoint_kernel)[(triton.cdiv(rows * length, BLOCK),)](
         frames, meta, windows, out, n_res, signals, length, rows, first_side, max_cover,
-        ACC=tl_dtype(frames.dtype), BLOCK=BLOCK)
+        ACC=tl_dtype(frames.dtype), BLOCK=BLOCK, num_warps=ADJOINT_WARPS)
     return out
 
 
