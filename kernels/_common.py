@@ -3,8 +3,9 @@ poison), accumulator dtypes and the NaN-preserving sign.
 
 Loops whose bound is a runtime argument are written ``while i < n: ... i += step``, not
 ``for i in range(0, n, step)``: Triton 3.6's interpreter turns such a bound into a Python int
-with ``int()`` of a size-1 array, which NumPy >= 2.4 refuses. Compiled, both are one
-``scf`` loop."""
+with ``int()`` of a size-1 array, which NumPy >= 2.4 refuses. Compiled, such a loop is an
+``scf.while`` instead of an ``scf.for`` (which Triton may software-pipeline); what it compiles
+to is in ``bench/results/aot-sm90.md``."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._guards import detect_fake_mode
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # torch >= 2.6 has triton_op/wrap_triton: torch.compile then sees through the kernel launches.
@@ -46,9 +47,10 @@ if TRACEABLE_KERNELS:
     wrap_triton = torch.library.wrap_triton
 else:
     def wrap_triton(kernel):
-        """``wrap_triton(kernel)[grid](*args)`` launches ``kernel``, except when an argument is
-        a fake tensor: then the launcher is running as its op's fake implementation, where
-        only the outputs' metadata counts."""
+        """``wrap_triton(kernel)[grid](*args)`` launches ``kernel``, except while fake tensors
+        are being traced or on meta tensors: then the launcher is running as its op's fake
+        implementation, where only the outputs' metadata counts. (A fake tensor reaching an
+        eager launch is not skipped: Triton then fails on it, loudly.)"""
         return _LaunchUnlessFake(kernel)
 
     class _LaunchUnlessFake:
@@ -57,10 +59,18 @@ else:
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                if any(isinstance(a, FakeTensor) for a in (*args, *kwargs.values())):
+                if detect_fake_mode() is not None or any(
+                        isinstance(a, torch.Tensor) and a.is_meta
+                        for a in (*args, *kwargs.values())):
                     return None
                 return self.kernel[grid](*args, **kwargs)
             return launch
+
+
+# Launch options of a kernel run as a single program (an epilogue): its occupancy cannot
+# matter, so ptxas may use every register (left to its own heuristic, Triton 3.6's ptxas holds
+# some epilogues to 64 registers and spills), and 8 warps share its reads.
+ONE_PROGRAM = {"num_warps": 8, "maxnreg": 255}
 
 
 def empty(shape, dtype, device) -> torch.Tensor:

@@ -28,14 +28,14 @@ mu and logvar gradients in one grid).
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (accumulator_dtype, empty, f64_parts, index_dtype, joined, kernel_op,
-                      tl_dtype, wrap_triton)
+from ._common import (ONE_PROGRAM, accumulator_dtype, empty, f64_parts, index_dtype, joined,
+                      kernel_op, tl_dtype, wrap_triton)
 from .kl import free_bits_kl_loop
 from .recon import BLOCK as RECON_BLOCK
 from .recon import (IF_EPS, _recon_partials_kernel, load_channels, recon_grads,
@@ -214,7 +214,7 @@ def combined_reduce_op(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tens
         *f64_parts(IF_EPS), *f64_parts(free_bits), *_parts(weights),
         USE_SC=use_terms[0], USE_LOG=use_terms[1], USE_LIN=use_terms[2], HAS_KL=has_kl,
         WRITE_KL_GRAD=write_kl_grad, ACC=tl_dtype(acc), BLOCK=BLOCK,
-        KL_INDEX=index_dtype(BLOCK, mu, logvar), N_RES=n_res)
+        KL_INDEX=index_dtype(BLOCK, mu, logvar), N_RES=n_res, **ONE_PROGRAM)
     return outs
 
 

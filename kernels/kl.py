@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (accumulator_dtype, empty, f64_parts, index_dtype, joined, kernel_op,
-                      reciprocal, tl_dtype, wrap_triton)
+from ._common import (ONE_PROGRAM, accumulator_dtype, empty, f64_parts, index_dtype, joined,
+                      kernel_op, reciprocal, tl_dtype, wrap_triton)
 
 BLOCK = 1024
 
@@ -120,7 +120,7 @@ def free_bits_kl_op(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float, wr
         mu, logvar, kl, grad_mu, grad_logvar, mu.numel(), mu.shape[1], *mu.stride(),
         *logvar.stride(), *f64_parts(free_bits),
         WRITE_GRAD=write_grad, ACC=tl_dtype(acc), BLOCK=BLOCK,
-        INDEX=index_dtype(BLOCK, mu, logvar))
+        INDEX=index_dtype(BLOCK, mu, logvar), **ONE_PROGRAM)
     return kl, grad_mu, grad_logvar
 
 

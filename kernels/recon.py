@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (accumulator_dtype, empty, f64_parts, joined, kernel_op, reciprocal,
-                      signum, tl_dtype, wrap_triton)
+from ._common import (ONE_PROGRAM, accumulator_dtype, empty, f64_parts, joined, kernel_op,
+                      reciprocal, signum, tl_dtype, wrap_triton)
 
 IF_EPS = 1e-8
 BLOCK = 1024
@@ -200,7 +200,7 @@ def recon_terms_op(recon: torch.Tensor, target: torch.Tensor
         ACC=tl_dtype(acc), BLOCK=BLOCK)
     wrap_triton(_recon_finalize_kernel)[(1,)](
         partials, mag, if_loss, stats, n_programs, n, *f64_parts(IF_EPS),
-        ACC=tl_dtype(acc), BLOCK=FINAL_BLOCK)
+        ACC=tl_dtype(acc), BLOCK=FINAL_BLOCK, **ONE_PROGRAM)
     return mag, if_loss, stats
 
 

@@ -43,8 +43,9 @@ from typing import List, Tuple
 import torch
 import triton
 import triton.language as tl
+from torch._guards import detect_fake_mode
 
-from ._common import empty, kernel_op, reciprocal, signum, tl_dtype, wrap_triton
+from ._common import ONE_PROGRAM, empty, kernel_op, reciprocal, signum, tl_dtype, wrap_triton
 
 BLOCK = 1024
 # Columns of the meta table: per resolution, its FFT size, hop, frame count, bins; where its
@@ -56,9 +57,13 @@ BLOCK = 1024
 # compile test does).
 (N_FFT, HOP, FRAMES, BINS, FRAME_OFF, FRAME_SIDE, SPEC_OFF, SPEC_SIDE, WIN_OFF, FFT_N,
  STRIDE, META) = (tl.constexpr(column) for column in range(12))
-# 8 elements per thread in the gather of ``_frames_adjoint_kernel`` take 255 registers (and
-# spill) in fp64 on sm_80; 4 per thread fit.
-ADJOINT_WARPS = 8
+# Launch options of the two heaviest grid kernels (``_spectral_grad_kernel``,
+# ``_frames_adjoint_kernel``): left to ptxas, at 4 warps (8 elements per thread) they take up
+# to 255 registers (and spill, or keep 2 programs per SM), and at 8 warps still up to 214 (B = 1
+# on sm_80, fp64 with both gradients). At 16 warps (2 elements per thread) capped at 128
+# registers, one program (16 warps) stays resident per SM, without spills (the compile test
+# checks both).
+GATHER = {"num_warps": 16, "maxnreg": 128}
 GROUPING_ENV = "DISTILL_FFT_GROUPING"
 GROUPINGS = ("per_resolution", "shared")
 
@@ -154,7 +159,8 @@ def make_plan(settings, signals: int, length: int, device, dtype) -> STFTPlan:
                             dtype=dtype).to(device),
         use_terms=(settings.w_sc != 0, settings.w_log_mag != 0, settings.w_lin_mag != 0),
     )
-    if not torch.compiler.is_compiling():  # a traced step keeps its own (graph constants)
+    # A traced step keeps its own (graph constants; fake tensors under fake-tensor tracing).
+    if not torch.compiler.is_compiling() and detect_fake_mode() is None:
         settings.cache[key] = plan
     return plan
 
@@ -293,23 +299,27 @@ def mrstft_from_partials(
         den = tl.sqrt(tl.sum(tl.where(q == 1, sums, 0.0), axis=0))
         count = (signals * tl.load(meta_ptr + r * META + FRAMES)
                  * tl.load(meta_ptr + r * META + BINS)).to(ACC)
+        # Three divisions per resolution, the rest products: in fp64 each division is a call
+        # to a division routine, and values live across calls can spill.
+        inv_count = 1.0 / count
         loss_r = zero
         a_r = zero
         b_r = zero
         if USE_SC:
-            loss_r += w_sc * (num / den)
-            a_r = tl.where(num > 0, w_sc * inv_res / (num * den), 0.0)
-            b_r = w_sc * inv_res * num / (den * den * den)
+            inv_den = 1.0 / den
+            loss_r += w_sc * (num * inv_den)
+            a_r = tl.where(num > 0, w_sc * inv_res * inv_den / num, 0.0)
+            b_r = w_sc * inv_res * num * inv_den * inv_den * inv_den
         if USE_LOG:
-            loss_r += w_log * (tl.sum(tl.where(q == 2, sums, 0.0), axis=0) / count)
+            loss_r += w_log * (tl.sum(tl.where(q == 2, sums, 0.0), axis=0) * inv_count)
         if USE_LIN:
-            loss_r += w_lin * (tl.sum(tl.where(q == 3, sums, 0.0), axis=0) / count)
+            loss_r += w_lin * (tl.sum(tl.where(q == 3, sums, 0.0), axis=0) * inv_count)
         total += loss_r
         # One row per resolution: in range by construction (r < N_RES).
         tl.store(scalars_ptr + r * 4, a_r)
         tl.store(scalars_ptr + r * 4 + 1, b_r)
-        tl.store(scalars_ptr + r * 4 + 2, w_log * inv_res / count)
-        tl.store(scalars_ptr + r * 4 + 3, w_lin * inv_res / count)
+        tl.store(scalars_ptr + r * 4 + 2, w_log * inv_res * inv_count)
+        tl.store(scalars_ptr + r * 4 + 3, w_lin * inv_res * inv_count)
     return total * inv_res
 
 
@@ -503,7 +513,7 @@ def mrstft_reduce_op(spec: torch.Tensor, meta: torch.Tensor, params: torch.Tenso
     wrap_triton(_mrstft_epilogue_kernel)[(1,)](
         partials, meta, scalars, loss, max_tiles, signals, params,
         USE_SC=use_terms[0], USE_LOG=use_terms[1], USE_LIN=use_terms[2], ACC=tl_dtype(dtype),
-        BLOCK=BLOCK, N_RES=n_res)
+        BLOCK=BLOCK, N_RES=n_res, **ONE_PROGRAM)
     return loss, scalars
 
 
@@ -514,7 +524,7 @@ def stft_spectral_grad_op(spec: torch.Tensor, meta: torch.Tensor, scalars: torch
     wrap_triton(_spectral_grad_kernel)[(max_tiles, n_res)](
         torch.view_as_real(spec), meta, scalars, params, signals, GRAD_X=grad_x, GRAD_Y=grad_y,
         USE_SC=use_terms[0], USE_LOG=use_terms[1], USE_LIN=use_terms[2],
-        ACC=tl_dtype(_real_dtype(spec)), BLOCK=BLOCK)
+        ACC=tl_dtype(_real_dtype(spec)), BLOCK=BLOCK, **GATHER)
 
 
 @kernel_op("distill::stft_frames_adjoint", mutates_args=())
@@ -525,7 +535,7 @@ def stft_frames_adjoint_op(frames: torch.Tensor, meta: torch.Tensor, windows: to
     out = empty((rows, length), frames.dtype, frames.device)
     wrap_triton(_frames_adjoint_kernel)[(triton.cdiv(rows * length, BLOCK),)](
         frames, meta, windows, out, n_res, signals, length, rows, first_side, max_cover,
-        ACC=tl_dtype(frames.dtype), BLOCK=BLOCK, num_warps=ADJOINT_WARPS)
+        ACC=tl_dtype(frames.dtype), BLOCK=BLOCK, **GATHER)
     return out
 
 

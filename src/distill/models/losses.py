@@ -20,6 +20,7 @@ import weakref
 from typing import Dict, Optional
 
 import torch
+from torch._guards import detect_fake_mode
 
 from ..backends import select_backend
 from ..mrstft import MRSTFTSettings, MultiResolutionSTFTLoss, settings_from_auraloss
@@ -49,7 +50,8 @@ def _config_settings(loss_config: LossConfig) -> MRSTFTSettings:
     settings = _CONFIG_SETTINGS.get(key)
     if settings is None:
         settings = create_stft_loss(loss_config).settings
-        _CONFIG_SETTINGS[key] = settings
+        if detect_fake_mode() is None:  # windows made while tracing fake tensors are fake
+            _CONFIG_SETTINGS[key] = settings
     return settings
 
 
