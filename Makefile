@@ -1,20 +1,28 @@
-# The two commands of the README: `make demo` and `make test`. Both set up .venv first.
+# The two commands of the README: `make demo` and `make test`. Both set up .venv first; `make test`
+# also sets up .venv-triton36 (the GPU image's Triton 3.6) and runs the suite under both.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+VENV36 ?= .venv-triton36
+PY36 := $(VENV36)/bin/python
 # Triton kernels run on CPU tensors through its interpreter when no GPU is present.
 export TRITON_INTERPRET ?= 1
 
-.PHONY: demo test bench render clean
+.PHONY: demo test bench render aot clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt tools/install.sh
 	bash tools/install.sh $(VENV)
 	touch $@
 
+$(VENV36)/.installed: pyproject.toml constraints.txt constraints-triton36.txt tools/install.sh
+	bash tools/install.sh $(VENV36) constraints-triton36.txt
+	touch $@
+
 demo: $(VENV)/.installed
 	$(PY) -m distill.demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(VENV36)/.installed
 	$(PY) -m pytest -q tests
+	$(PY36) -m pytest -q tests
 
 bench: $(VENV)/.installed
 	$(PY) -m pytest -q bench -p no:cacheprovider
@@ -23,5 +31,9 @@ bench: $(VENV)/.installed
 render: $(VENV)/.installed
 	$(PY) bench/render.py
 
+# The tables of every kernel specialization compiled for sm_90 and sm_80 (no GPU needed).
+aot: $(VENV)/.installed
+	env -u TRITON_INTERPRET $(PY) tests/gpu_compile.py --tables bench/results
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .benchmarks
+	rm -rf $(VENV) $(VENV36) build src/*.egg-info .pytest_cache .benchmarks

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set-up for a fresh machine: a virtual environment in $1 (default .venv) holding this package,
-# its test and benchmark extras, and torch. torch is installed only when it is missing, and
-# then pinned through constraints.txt (the CPU wheel these machines carry), so that set-up
-# never pulls a CUDA build onto a CPU-only machine.
+# its test and benchmark extras, and torch; $2, if given, is a constraints file of further
+# pins (the Triton 3.6 environment: constraints-triton36.txt). torch is installed only when it
+# is missing, and then pinned through constraints.txt (the CPU wheel these machines carry), so
+# that set-up never pulls a CUDA build onto a CPU-only machine.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${1:-$here/.venv}"
@@ -18,5 +19,8 @@ pin=()
 if ! "$py" -c "import torch" >/dev/null 2>&1; then
     pin=(-c "$here/constraints.txt")
 fi
+if [ -n "${2:-}" ]; then
+    pin+=(-c "$2")
+fi
 "$py" -m pip install -q --disable-pip-version-check "${pin[@]}" -e "$here[test,bench]"
-"$py" -c "import torch, distill; print('distill ready: torch', torch.__version__)"
+"$py" -c "import torch, distill; print('distill ready in $venv: torch', torch.__version__)"

@@ -1,0 +1,612 @@
+"""Compile every Triton kernel specialization that a training step launches for NVIDIA GPUs,
+on a machine without one, and check how the package registers and traces its ops there.
+
+Run as a script in *GPU mode* (``TRITON_INTERPRET`` unset, so the kernels are compiled
+``JITFunction`` s and the launchers are ``torch.library.triton_op`` s, as on a GPU)::
+
+    python tests/gpu_compile.py --json report.json [--tables bench/results]
+
+What it does:
+
+1. A compile-only Triton driver stands in for the GPU: ``JITFunction.run`` is wrapped so that
+   a launch goes through Triton's own binder (the same specialization a GPU launch computes:
+   int widths, 16-byte divisibility, arguments equal to 1) and compiles, with ``warmup=True``,
+   for each target (sm_90: H100/H200, sm_80: A100), but runs nothing. Triton's caches (in
+   memory and on disk) compile each specialization once.
+2. The cases of ``CASES`` (the user's and the long shape and one of odd sizes, every input
+   dtype, both FFT groupings, target with and without grad, ``kl_weight`` 0 and > 0, the
+   modular path, the ``create_stft_loss`` module, non-default STFT settings, int64 index math)
+   run forward and backward through the public API on CPU tensors, routed to the ``triton``
+   backend. No host decision depends on a kernel's output (the loss path never syncs), so
+   recording launches without executing them sees every launch.
+3. Each compiled kernel is read: registers, stack frame and spills from ptxas's own log
+   (Triton prints it when it assembles a kernel), registers again from the binary
+   (``cuobjdump -res-usage``), shared memory and warps from Triton's metadata, SASS
+   instructions (``cuobjdump -sass``), 64-bit integer divisions (PTX ``div``/``rem``
+   ``.s64``/``.u64``, which ptxas turns into calls to a division routine).
+4. Registration and tracing in GPU mode: every op is a ``triton_op``; each op's outputs
+   under fake tensors (what torch.compile sees) equal its eager outputs in shape, dtype and
+   strides; ``torch.compile(fullgraph=True, backend="aot_eager")`` of a step gives the eager
+   step's shapes, dtypes and strides.
+
+``tests/test_gpu_compile.py`` runs this once per session and asserts on the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import traceback
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+# Triton 3.9 warns that its fp-fusion default will change; the GPU run sees the same default.
+warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+
+# The architectures compiled for, with what bounds a kernel there (CUDA occupancy data:
+# 64K registers, 64 warps and 32 blocks per SM on both; shared memory per SM and the most one
+# block may take; 1 KiB of each block's shared memory is reserved by the system).
+ARCHS = {
+    90: dict(name="sm_90", gpus="H100/H200", smem_per_sm=228 * 1024, smem_per_block=227 * 1024),
+    80: dict(name="sm_80", gpus="A100", smem_per_sm=164 * 1024, smem_per_block=163 * 1024),
+}
+REGS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 64, 32
+REG_ALLOC_UNIT = 256  # registers are allocated per warp in units of 256
+SMEM_RESERVED_PER_BLOCK = 1024
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+# --------------------------------------------------------------------------------------------
+# The compile-only driver and the launch recorder
+# --------------------------------------------------------------------------------------------
+
+class CompileOnlyDriver:
+    """What ``JITFunction.run`` asks of a driver, for a GPU that is not there. The device id is
+    the architecture, so that each target keeps its own kernel cache."""
+
+    def __init__(self):
+        self.arch = 90
+
+    def get_current_target(self):
+        return GPUTarget("cuda", self.arch, 32)
+
+    def get_current_device(self):
+        return self.arch
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def is_active(self):
+        return True
+
+
+@dataclass
+class Launch:
+    case: str
+    kernel: str
+    grid: tuple
+    compiled: Dict[int, object]  # arch -> CompiledKernel, or the exception it raised
+
+
+class LaunchRecorder:
+    """Replaces ``JITFunction.run``: every launch is compiled for each architecture and recorded,
+    nothing runs."""
+
+    def __init__(self):
+        self.driver = CompileOnlyDriver()
+        self.launches: List[Launch] = []
+        self.ptxas_logs: Dict[str, str] = {}  # compiled hash -> what ptxas said
+        self.case = "?"
+        self._run = JITFunction.run
+
+    def __enter__(self):
+        self._previous_driver = driver._active
+        driver.set_active(self.driver)
+        # ptxas's own account of registers and spills comes from its log, which Triton prints
+        # when it assembles a kernel: so every specialization is compiled afresh in this
+        # process (an empty on-disk cache), once (the in-memory cache keeps it).
+        self._cache_dir = tempfile.TemporaryDirectory(prefix="distill-aot-")
+        self._knobs = (knobs.cache.dir, knobs.nvidia.dump_ptxas_log)
+        knobs.cache.dir, knobs.nvidia.dump_ptxas_log = self._cache_dir.name, True
+        recorder = self
+
+        def run(kernel, *args, grid, warmup, **kwargs):
+            recorder.record(kernel, args, grid, kwargs)
+            return None
+
+        JITFunction.run = run
+        return self
+
+    def __exit__(self, *exc):
+        JITFunction.run = self._run
+        driver._active = self._previous_driver
+        knobs.cache.dir, knobs.nvidia.dump_ptxas_log = self._knobs
+        self._cache_dir.cleanup()
+
+    def record(self, kernel, args, grid, kwargs):
+        compiled = {}
+        for arch in ARCHS:
+            self.driver.arch = arch
+            log = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(log):
+                    compiled[arch] = self._run(kernel, *args, grid=grid, warmup=True, **kwargs)
+            except Exception as exc:  # reported per specialization, not raised here
+                compiled[arch] = exc
+            else:
+                if log.getvalue():  # compiled now, not found in the in-memory cache
+                    self.ptxas_logs[compiled[arch].hash] = log.getvalue()
+        grid = tuple(grid(dict(zip(kernel.arg_names, args))) if callable(grid) else grid)
+        self.launches.append(Launch(self.case, kernel.fn.__name__, grid, compiled))
+
+
+# --------------------------------------------------------------------------------------------
+# The cases: every path of a training step
+# --------------------------------------------------------------------------------------------
+
+# B, H, W, D: the user's batch, the long one, and one of odd sizes with B = 1.
+SHAPES = {"user": (32, 128, 94, 128), "long": (16, 128, 938, 128), "odd": (1, 7, 301, 5)}
+DTYPES = {"f32": torch.float32, "f64": torch.float64, "bf16": torch.bfloat16,
+          "f16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Case:
+    shape: str
+    dtype: str = "f32"
+    # fused: compute_combined_loss with create_stft_loss's module; custom-stft: with a
+    # MultiResolutionSTFTLoss of 4 resolutions, short windows and a linear term; callable-stft,
+    # tensor-kl-weight: the modular path; stft-module: create_stft_loss's module called alone.
+    path: str = "fused"
+    grouping: str = "per_resolution"
+    target_grad: bool = False
+    kl_weight: float = 0.01
+    wide_index: bool = False   # int64 index math, as for a latent past 2^31 elements
+
+    @property
+    def name(self) -> str:
+        parts = [self.shape, self.dtype, self.path]
+        if self.grouping != "per_resolution":
+            parts.append(f"{self.grouping}-fft")
+        if self.target_grad:
+            parts.append("target-grad")
+        if self.kl_weight == 0:
+            parts.append("kl0")
+        if self.wide_index:
+            parts.append("int64-index")
+        return "/".join(parts)
+
+
+def _cases() -> List[Case]:
+    cases = []
+    for shape in ("user", "long"):
+        cases += [Case(shape, dtype) for dtype in DTYPES]
+        cases += [Case(shape, grouping="shared"), Case(shape, target_grad=True),
+                  Case(shape, kl_weight=0.0), Case(shape, path="callable-stft"),
+                  Case(shape, path="tensor-kl-weight"), Case(shape, path="stft-module"),
+                  Case(shape, "bf16", path="stft-module", target_grad=True)]
+    cases += [Case("user", "f64", target_grad=True),
+              Case("user", path="tensor-kl-weight", target_grad=True),
+              Case("user", path="custom-stft"), Case("user", path="custom-stft", grouping="shared"),
+              Case("odd"), Case("odd", "bf16", target_grad=True),
+              Case("user", wide_index=True), Case("user", path="tensor-kl-weight", wide_index=True)]
+    return cases
+
+
+CASES = _cases()
+
+
+def _batch(case: Case):
+    from distill.synthetic import realistic_batch
+    b, h, w, d = SHAPES[case.shape]
+    batch = realistic_batch(b, h, w, d, dtype=torch.float32, seed=0)
+    return [t.to(DTYPES[case.dtype]) for t in batch]
+
+
+def _plain_stft_loss(x, y):
+    """A user's own callable STFT loss (takes the modular path)."""
+    return (x - y).abs().mean()
+
+
+def _custom_stft_loss():
+    from distill.models import MultiResolutionSTFTLoss
+    return MultiResolutionSTFTLoss(fft_sizes=(128, 256, 512, 1024), hop_sizes=(32, 64, 128, 256),
+                                   win_lengths=(100, 256, 400, 1024), w_lin_mag=0.5)
+
+
+def step(case: Case, loss_fn=None):
+    """Forward and backward of ``case``: returns ``(outputs, input gradients)``."""
+    from distill.models import compute_combined_loss, create_stft_loss
+    from distill.training import LossConfig
+
+    config = LossConfig()
+    recon, target, mu, logvar = _batch(case)
+    recon.requires_grad_()
+    target.requires_grad_(case.target_grad)
+    mu.requires_grad_()
+    logvar.requires_grad_()
+    leaves = [recon, target, mu, logvar]
+    with _fft_grouping(case.grouping), _index_width(case.wide_index):
+        if case.path == "stft-module":
+            module = create_stft_loss(config, "cpu")
+            b = recon.shape[0]
+            loss = module(recon[:, 0].reshape(b, 1, -1), target[:, 0].reshape(b, 1, -1))
+            outputs = {"stft": loss}
+        else:
+            stft_fn = {"callable-stft": _plain_stft_loss,
+                       "custom-stft": _custom_stft_loss}.get(case.path, None)
+            stft_fn = stft_fn() if stft_fn is _custom_stft_loss else stft_fn
+            stft_fn = stft_fn or create_stft_loss(config, "cpu")
+            kl_weight = (torch.tensor(case.kl_weight) if case.path == "tensor-kl-weight"
+                         else case.kl_weight)
+            run = loss_fn or compute_combined_loss
+            outputs = run(recon, target, mu, logvar, config, kl_weight=kl_weight,
+                          _stft_loss_fn=stft_fn, backend="triton")
+            loss = outputs["total_loss"]
+        loss.backward()
+    return outputs, [leaf.grad for leaf in leaves]
+
+
+@contextlib.contextmanager
+def _fft_grouping(grouping):
+    from distill.kernels.stft import GROUPING_ENV
+    old = os.environ.get(GROUPING_ENV)
+    os.environ[GROUPING_ENV] = grouping
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[GROUPING_ENV]
+        else:
+            os.environ[GROUPING_ENV] = old
+
+
+@contextlib.contextmanager
+def _index_width(wide: bool):
+    """With ``wide``, the launchers choose int64 index math whatever the sizes."""
+    import distill.kernels.combined as combined
+    import distill.kernels.kl as kl
+    saved = combined.index_dtype, kl.index_dtype
+    if wide:
+        combined.index_dtype = kl.index_dtype = lambda *args: triton.language.int64
+    try:
+        yield
+    finally:
+        combined.index_dtype, kl.index_dtype = saved
+
+
+def route_cpu_tensors_to_triton():
+    """This process stands in for a GPU: CPU tensors take the ``triton`` backend (whose
+    launches compile instead of running), as CUDA tensors would by default."""
+    import distill.backends as backends
+    backends._triton_usable = lambda device: backends._load("triton") is not None
+    os.environ[backends.ENV_VAR] = "triton"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a compiled kernel
+# --------------------------------------------------------------------------------------------
+
+def _tool(name, cubin: bytes, *flags) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([os.path.join(TOOLS, name), *flags, f.name], check=True,
+                              capture_output=True, text=True).stdout
+
+
+def resident_blocks(regs: int, warps: int, smem: int, arch: int) -> int:
+    """Blocks of this kernel that fit on one SM at once (registers, warps, shared memory)."""
+    regs_per_warp = math.ceil(max(regs, 1) * 32 / REG_ALLOC_UNIT) * REG_ALLOC_UNIT
+    by_regs = (REGS_PER_SM // regs_per_warp) // warps
+    by_warps = MAX_WARPS_PER_SM // warps
+    by_smem = (ARCHS[arch]["smem_per_sm"] // (smem + SMEM_RESERVED_PER_BLOCK) if smem
+               else MAX_BLOCKS_PER_SM)
+    return min(by_regs, by_warps, by_smem, MAX_BLOCKS_PER_SM)
+
+
+def describe_specialization(src) -> str:
+    """What distinguishes one specialization: pointer dtypes, 64-bit ints, arguments
+    specialized to 1, and the constexpr values."""
+    signature = src.signature
+    names = list(signature)
+    constants = {names[path[0]]: value for path, value in src.constants.items()}
+    pointers = sorted({t for t in signature.values() if t.startswith("*") and t != "*i64"})
+    wide = [n for n, t in signature.items() if t in ("i64", "u64")]
+    divisible = [names[path[0]] for path, attrs in src.attrs.items()
+                 if ["tt.divisibility", 16] in [list(a) for a in attrs]
+                 and not signature[names[path[0]]].startswith("*")]
+    ones = [n for n, t in signature.items() if t == "constexpr" and constants.get(n) == 1
+            and not n.isupper()]
+    flags = [f"{n}={_short(v)}" for n, v in constants.items() if n.isupper() and n != "BLOCK"]
+    parts = ["/".join(p[1:] for p in pointers) or "-"]
+    if wide:
+        parts.append("i64: " + ",".join(wide))
+    if ones:
+        parts.append("=1: " + ",".join(ones))
+    if divisible:
+        parts.append("div16: " + ",".join(divisible))
+    return " ".join(parts + flags)
+
+
+def _short(value) -> str:
+    text = str(value)
+    return {"True": "1", "False": "0"}.get(text, text.replace("triton.language.", "")
+                                           .replace("float", "f"))
+
+
+def ptxas_account(log: str) -> dict:
+    """Registers, stack frame and spills as ptxas reported them when it assembled the kernel."""
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                      r"(\d+) bytes spill loads", log)
+    regs = re.search(r"Used (\d+) registers", log)
+    if not frame or not regs:
+        raise RuntimeError(f"no ptxas account of the kernel in: {log!r}")
+    return {"ptxas_registers": int(regs.group(1)), "stack_frame_bytes": int(frame.group(1)),
+            "spill_store_bytes": int(frame.group(2)), "spill_load_bytes": int(frame.group(3))}
+
+
+def inspect_kernel(compiled, arch: int, ptxas_log: str) -> dict:
+    """Resource usage of one compiled kernel."""
+    cubin = compiled.asm["cubin"]
+    usage = _tool("cuobjdump", cubin, "-res-usage")
+    regs = int(re.search(r"\bREG:(\d+)", usage).group(1))
+    sass = _tool("cuobjdump", cubin, "-sass")
+    instructions = re.findall(r"/\*[0-9a-f]{4,}\*/\s+[A-Z@!][^;]*;", sass)
+    ptx = compiled.asm["ptx"]
+    warps = compiled.metadata.num_warps
+    smem = compiled.metadata.shared
+    blocks = resident_blocks(regs, warps, smem, arch)
+    return {
+        **ptxas_account(ptxas_log),
+        "registers": regs,
+        "shared_bytes": smem,
+        "num_warps": warps,
+        "resident_blocks": blocks,
+        "occupancy": blocks * warps / MAX_WARPS_PER_SM,
+        "sass_instructions": len(instructions),
+        "div64": len(re.findall(r"\b(?:div|rem)(?:\.[a-z]+)*\.[su]64\b", ptx)),
+    }
+
+
+def specializations(launches: List[Launch], ptxas_logs: Dict[str, str]) -> List[dict]:
+    """One row per distinct (kernel, architecture, compiled binary), with the cases using it."""
+    rows: Dict[tuple, dict] = {}
+    for launch in launches:
+        for arch, compiled in launch.compiled.items():
+            if isinstance(compiled, Exception):
+                key = (launch.kernel, arch, "error:" + repr(compiled))
+                row = rows.setdefault(key, {
+                    "kernel": launch.kernel, "arch": ARCHS[arch]["name"], "hash": None,
+                    "specialization": "?", "error": "".join(
+                        traceback.format_exception_only(type(compiled), compiled))[-2000:],
+                    "cases": [], "max_grid": [0, 0, 0]})
+            else:
+                key = (launch.kernel, arch, compiled.hash)
+                row = rows.get(key)
+                if row is None:
+                    row = rows[key] = {
+                        "kernel": launch.kernel, "arch": ARCHS[arch]["name"],
+                        "hash": compiled.hash[:12],
+                        "specialization": describe_specialization(compiled.src),
+                        "error": None, "cases": [], "max_grid": [0, 0, 0],
+                        **inspect_kernel(compiled, arch, ptxas_logs.get(compiled.hash, ""))}
+            if launch.case not in row["cases"]:
+                row["cases"].append(launch.case)
+            grid = list(launch.grid) + [1] * (3 - len(launch.grid))
+            row["max_grid"] = [max(a, b) for a, b in zip(row["max_grid"], grid)]
+    return sorted(rows.values(), key=lambda r: (r["arch"], r["kernel"], r["specialization"]))
+
+
+def kernels_defined() -> List[str]:
+    """Every launchable kernel of ``distill.kernels`` (a ``JITFunction`` named ``*_kernel``)."""
+    import importlib
+    import pkgutil
+
+    import distill.kernels as package
+    names = set()
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"distill.kernels.{info.name}")
+        for name, value in vars(module).items():
+            if isinstance(value, JITFunction) and name.endswith("_kernel"):
+                names.add(value.fn.__name__)
+    return sorted(names)
+
+
+# --------------------------------------------------------------------------------------------
+# Registration and tracing in GPU mode
+# --------------------------------------------------------------------------------------------
+
+def _meta(t) -> Optional[list]:
+    if not isinstance(t, torch.Tensor):
+        return None
+    return [list(t.shape), str(t.dtype), list(t.stride())]
+
+
+class OpOutputs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records each ``distill::`` op call: its name and its outputs' shapes/dtypes/strides."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.namespace == "distill":
+            flat = out if isinstance(out, (list, tuple)) else [out]
+            self.calls.append([func.__name__, [_meta(t) for t in flat]])
+        return out
+
+
+def registration_report(recorder: LaunchRecorder) -> dict:
+    from torch._library.triton import triton_ops_to_kernels
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import distill.kernels._common as common
+    report = {"traceable": common.TRACEABLE_KERNELS, "ops": {}, "checks": {}}
+    for name in sorted(torch.ops.distill):
+        qualified = f"distill::{name}"
+        report["ops"][qualified] = {
+            "triton_op": qualified in triton_ops_to_kernels,
+            "kernels": sorted(k.fn.__name__ for k in triton_ops_to_kernels.get(qualified, [])),
+        }
+
+    def eager_vs(label, case: Case, run):
+        recorder.case = f"{label}:{case.name}"
+        try:
+            with OpOutputs() as eager:
+                eager_out, eager_grads = step(case)
+            observed, out, grads = run(case)
+            report["checks"][f"{label}:{case.name}"] = {
+                "eager_ops": eager.calls, "ops": observed,
+                "eager_outputs": _tree_meta(eager_out, eager_grads),
+                "outputs": _tree_meta(out, grads), "error": None}
+        except Exception:
+            report["checks"][f"{label}:{case.name}"] = {"error": traceback.format_exc()[-3000:]}
+
+    def under_fake_tensors(case):
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            with OpOutputs() as fake:
+                out, grads = step(case)
+        return fake.calls, out, grads
+
+    def compiled_aot_eager(case):
+        from distill.models import compute_combined_loss
+        torch._dynamo.reset()
+        compiled = torch.compile(compute_combined_loss, fullgraph=True, backend="aot_eager")
+        out, grads = step(case, loss_fn=compiled)
+        return None, out, grads
+
+    for case in (Case("user"), Case("user", "bf16", target_grad=True),
+                 Case("user", path="tensor-kl-weight"), Case("user", path="stft-module")):
+        eager_vs("fake", case, under_fake_tensors)
+    for case in (Case("user"), Case("user", path="tensor-kl-weight")):
+        eager_vs("aot_eager", case, compiled_aot_eager)
+    return report
+
+
+def _tree_meta(outputs, grads):
+    return {"outputs": {k: _meta(v) for k, v in outputs.items()},
+            "grads": [_meta(g) for g in grads]}
+
+
+# --------------------------------------------------------------------------------------------
+# The report and its tables
+# --------------------------------------------------------------------------------------------
+
+def build_report(only: Optional[str] = None) -> dict:
+    """The report over ``CASES`` (those whose name matches the regular expression ``only``,
+    and then no registration checks)."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("gpu_compile.py runs in GPU mode: unset TRITON_INTERPRET")
+    route_cpu_tensors_to_triton()
+    torch.manual_seed(0)
+    with LaunchRecorder() as recorder:
+        cases = {}
+        for case in CASES:
+            if only and not re.search(only, case.name):
+                continue
+            recorder.case = case.name
+            before = len(recorder.launches)
+            step(case)
+            cases[case.name] = [launch.kernel for launch in recorder.launches[before:]]
+        registration = None if only else registration_report(recorder)
+    return {
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "archs": {ARCHS[a]["name"]: ARCHS[a] for a in ARCHS},
+        "cases": cases,
+        "kernels_defined": kernels_defined(),
+        "specializations": specializations(recorder.launches, recorder.ptxas_logs),
+        "registration": registration,
+    }
+
+
+TABLE_COLUMNS = ("kernel", "specialization", "registers", "spilled B", "stack B", "shared B",
+                 "warps", "blocks/SM", "occupancy", "SASS instr.", "64-bit div", "largest grid")
+
+
+def table(report: dict, arch_name: str) -> str:
+    """The markdown table of one architecture's specializations."""
+    arch = next(a for a in ARCHS.values() if a["name"] == arch_name)
+    lines = [
+        f"# Triton kernels compiled ahead of time for {arch_name} ({arch['gpus']})",
+        "",
+        f"Written by `make aot` (`tests/gpu_compile.py`) with triton {report['triton']} and "
+        f"torch {report['torch']}, on a",
+        "machine without a GPU; `tests/test_gpu_compile.py` compiles the same specializations "
+        "in CI and",
+        "checks this file against them. One row per distinct compiled kernel over every case "
+        "of a training",
+        "step (user and long shapes, every input dtype, both FFT groupings, target gradient, "
+        "kl_weight 0,",
+        "the modular path, the `create_stft_loss` module, a `torch.compile`d step).",
+        "",
+        "*specialization*: pointer dtypes, 64-bit ints (`i64`), arguments specialized to 1 "
+        "(`=1`) and to",
+        "multiples of 16 (`div16`), constexpr flags. *spilled B*: spill stores + loads and "
+        "*stack B*: stack",
+        "frame per thread, as ptxas reports them. *blocks/SM*: resident programs by registers, "
+        "warps and",
+        "shared memory. *64-bit div*: 64-bit integer divisions and remainders in the PTX (each "
+        "a call to a",
+        "division routine in SASS). *largest grid*: over the cases.",
+        "",
+        "| " + " | ".join(TABLE_COLUMNS) + " |",
+        "|" + "|".join(["---"] * 2 + ["---:"] * (len(TABLE_COLUMNS) - 2)) + "|",
+    ]
+    for row in report["specializations"]:
+        if row["arch"] != arch_name or row["error"]:
+            continue
+        spills = row["spill_store_bytes"] + row["spill_load_bytes"]
+        grid = " x ".join(str(g) for g in row["max_grid"] if g) or "1"
+        lines.append("| " + " | ".join(str(v) for v in (
+            f"`{row['kernel']}`", row["specialization"], row["registers"], spills,
+            row["stack_frame_bytes"], row["shared_bytes"], row["num_warps"], row["resident_blocks"],
+            f"{row['occupancy']:.0%}", row["sass_instructions"], row["div64"], grid)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def table_path(directory: str, arch_name: str) -> str:
+    return os.path.join(directory, f"aot-{arch_name.replace('_', '')}.md")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--tables", help="write aot-sm90.md and aot-sm80.md into this folder")
+    parser.add_argument("--cases", help="only the cases whose name matches this regex")
+    args = parser.parse_args(argv)
+    report = build_report(args.cases)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    if args.tables:
+        for arch in ARCHS.values():
+            with open(table_path(args.tables, arch["name"]), "w") as f:
+                f.write(table(report, arch["name"]))
+    failed = [r for r in report["specializations"] if r["error"]]
+    print(f"{len(report['specializations'])} specializations, {len(failed)} failed to compile")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
