@@ -456,18 +456,23 @@ class OpOutputs(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+def triton_kernels_of(op: str) -> Optional[List[str]]:
+    """The Triton kernels torch found inside the ``triton_op`` ``op`` (empty for another kind
+    of op); ``None`` where this torch keeps no such table."""
+    try:
+        from torch._library.triton import get_triton_kernels_for_op
+    except ImportError:
+        return None
+    return sorted(kernel.fn.__name__ for kernel in get_triton_kernels_for_op(op))
+
+
 def registration_report(recorder: LaunchRecorder) -> dict:
-    from torch._library.triton import triton_ops_to_kernels
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import distill.kernels._common as common
-    report = {"traceable": common.TRACEABLE_KERNELS, "ops": {}, "checks": {}}
-    for name in sorted(torch.ops.distill):
-        qualified = f"distill::{name}"
-        report["ops"][qualified] = {
-            "triton_op": qualified in triton_ops_to_kernels,
-            "kernels": sorted(k.fn.__name__ for k in triton_ops_to_kernels.get(qualified, [])),
-        }
+    report = {"traceable": common.TRACEABLE_KERNELS, "checks": {},
+              "ops": {f"distill::{name}": triton_kernels_of(f"distill::{name}")
+                      for name in sorted(torch.ops.distill)}}
 
     def eager_vs(label, case: Case, run):
         recorder.case = f"{label}:{case.name}"

@@ -145,9 +145,10 @@ def test_committed_table_is_current(report, arch):
     path = Path(gpu_compile.table_path(str(TABLES), arch))
     assert path.exists(), f"{path} is missing: run `make aot`"
     committed = path.read_text()
-    versions = f"with triton {report['triton']} and torch {report['torch']},"
-    if versions not in committed:
-        pytest.skip(f"{path.name} was not written {versions} (this environment's versions)")
+    versions = f"triton {report['triton']} and torch {report['torch']}"
+    if f"with {versions}," not in committed:
+        pytest.skip(f"{path.name} was written with other versions than this environment's "
+                    f"({versions})")
     assert committed == gpu_compile.table(report, arch), f"{path.name} is stale: run `make aot`"
 
 
@@ -159,9 +160,10 @@ def test_gpu_mode_registers_triton_ops(report):
         pytest.skip("torch < 2.6 has no triton_op: the ops are custom ops on GPUs too")
     assert registration["traceable"]
     assert registration["ops"], "no distill:: op registered"
-    for name, op in registration["ops"].items():
-        assert op["triton_op"], f"{name} is not a triton_op in GPU mode"
-        assert op["kernels"], f"torch sees no Triton kernel inside {name}"
+    if None in registration["ops"].values():
+        pytest.skip(f"torch {report['torch']} keeps no table of the kernels in each triton_op")
+    for name, kernels in registration["ops"].items():
+        assert kernels, f"{name} is not a triton_op with Triton kernels in GPU mode"
 
 
 def _checks(report, label):
