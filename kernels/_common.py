@@ -31,7 +31,7 @@ def kernel_op(name: str, *, mutates_args=()):
     - compiled Triton (a GPU): ``torch.library.triton_op``, whose fake implementation is the
       launcher itself traced with fake tensors (``wrap_triton`` records the launches);
     - the interpreter: ``torch.library.custom_op`` whose fake implementation is again the
-      launcher, its launches skipped on fake tensors (``wrap_triton`` below).
+      launcher, its launches skipped while fake tensors are traced (``wrap_triton`` below).
 
     So an op's output shapes, dtypes and strides have one source, the launcher, in both."""
     def register(launcher):
