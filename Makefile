@@ -18,7 +18,7 @@ $(VENV36)/.installed: pyproject.toml constraints.txt constraints-triton36.txt to
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m distill.demo
+	$(PY) -m distill_fused.demo
 
 test: $(VENV)/.installed $(VENV36)/.installed
 	$(PY) -m pytest -q tests

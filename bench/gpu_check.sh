@@ -2,7 +2,7 @@
 # The GPU evidence run, on the lent machine (device tool), from the repository root:
 #   bash bench/gpu_check.sh        (carry .whl: the auraloss wheel, which the image lacks;
 #                                   make it here with: pip download --no-deps -d .whl auraloss==0.4.0)
-# Installs distill into the image's python (torch 2.11, triton 3.6 there), runs the whole test
+# Installs distill_fused into the image's python (torch 2.11, triton 3.6 there), runs the whole test
 # suite on the GPU (CUDA tests included) and the benchmarks, and leaves logs and results in $OUT.
 set -uo pipefail
 out="${OUT:-$(mktemp -d)}"
@@ -15,12 +15,12 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-d
     --target /tmp/site . || exit 1
 export PYTHONPATH=/tmp/site
 
-{ nvidia-smi; python3 -c "import torch, triton, auraloss, distill
-print('torch', torch.__version__, 'triton', triton.__version__, 'distill', distill.__file__)
+{ nvidia-smi; python3 -c "import torch, triton, auraloss, distill_fused
+print('torch', torch.__version__, 'triton', triton.__version__, 'distill_fused', distill_fused.__file__)
 print(torch.cuda.get_device_name())"; } > "$out/env.txt" 2>&1
 cat "$out/env.txt"
 
-# The suite imports distill from /tmp/site (its kernels/ maps to distill.kernels there).
+# The suite imports distill_fused from /tmp/site (its kernels/ maps to distill_fused.kernels there).
 python3 -m pytest -q tests -p no:cacheprovider -rs 2>&1 | tee "$out/tests.log" | tail -25
 python3 -m pytest -q bench -p no:cacheprovider 2>&1 | tee "$out/bench.log" | tail -30
 python3 bench/render.py

@@ -21,12 +21,11 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from distill.backends import reference
+from distill_fused import LossConfig, compute_combined_loss, create_stft_loss
+from distill_fused.backends import reference
+from distill_fused.synthetic import realistic_batch
 
-GROUPING_ENV = "DISTILL_FFT_GROUPING"  # read by distill.kernels.stft (not imported: no Triton)
-from distill.models import compute_combined_loss, create_stft_loss
-from distill.synthetic import realistic_batch
-from distill.training import LossConfig
+GROUPING_ENV = "DISTILL_FFT_GROUPING"  # read by distill_fused.kernels.stft (not imported here)
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -92,7 +91,7 @@ def make_step(provider: str, case: Case, dev: torch.device, seed: int = 0) -> Ca
     if provider.startswith("reference+torch.compile"):
         mode = "reduce-overhead" if provider.endswith("(reduce-overhead)") else None
         fn = torch.compile(lambda r, t, m, v: reference.combined_loss(
-            r, t, m, v, config, 0.01, stft_fn.settings)["total_loss"], mode=mode)
+            r, t, m, v, config, 0.01, stft_fn.settings)[0]["total_loss"], mode=mode)
     else:
         # "triton(shared-fft)": one rfft of the largest size for every resolution dividing it.
         backend, _, variant = provider.partition("(")

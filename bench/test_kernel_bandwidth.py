@@ -26,9 +26,9 @@ def copy_gbps():
 
 def _kernels(case):
     """(name, callable, bytes it must move) for every kernel of the triton backend."""
-    from distill.kernels.kl import free_bits_kl_backward_op, free_bits_kl_op
-    from distill.kernels.recon import recon_terms_backward_op, recon_terms_op
-    from distill.synthetic import realistic_batch
+    from distill_fused.kernels.kl import free_bits_kl_backward_op, free_bits_kl_op
+    from distill_fused.kernels.recon import recon_terms_backward_op, recon_terms_op
+    from distill_fused.synthetic import realistic_batch
 
     recon, target, mu, logvar = realistic_batch(case.batch, case.height, case.width,
                                                 case.latent_dim, device=DEVICE, seed=7)
@@ -51,9 +51,8 @@ def _kernels(case):
 
 def _stft_kernels(recon, target):
     """The STFT path's kernels at the default settings, on the magnitude channels."""
-    from distill.kernels import stft
-    from distill.models import create_stft_loss
-    from distill.training import LossConfig
+    from distill_fused.kernels import stft
+    from distill_fused import LossConfig, create_stft_loss
 
     settings = create_stft_loss(LossConfig(), DEVICE).settings
     b, _, h, w = recon.shape

@@ -1,6 +1,6 @@
 """The whole combined loss of ``compute_combined_loss`` in a handful of launches.
 
-Spec steps 1-7 (``distill.models.losses``), fused. With the reconstruction sums and the STFT
+Spec steps 1-7 (``distill_fused.losses``), fused. With the reconstruction sums and the STFT
 partials of ``recon.py`` and ``stft.py``, one epilogue program computes every output::
 
     stft  = max(MRSTFT, 0)                          recon = w_rec (w_mag mag + w_if if)
@@ -187,7 +187,7 @@ def _epilogue_outputs(recon, target, mu, logvar, n_res, write_kl_grad):
                empty(kl_shape, acc, dev), empty(kl_shape, acc, dev)])
 
 
-@kernel_op("distill::combined_reduce", mutates_args=())
+@kernel_op("distill_fused::combined_reduce", mutates_args=())
 def combined_reduce_op(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor,
                        logvar: torch.Tensor, spec: torch.Tensor, meta: torch.Tensor,
                        params: torch.Tensor, signals: int, n_res: int, max_tiles: int,
@@ -226,7 +226,7 @@ def _backward_outputs(recon, target, mu, logvar_dtype, grad_recon, grad_target, 
             empty(mu.shape if grad_latent else (0,), logvar_dtype, dev)]
 
 
-@kernel_op("distill::combined_backward", mutates_args=())
+@kernel_op("distill_fused::combined_backward", mutates_args=())
 def combined_backward_op(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor,
                          logvar_dtype: torch.dtype, unit: Optional[torch.Tensor],
                          aux: torch.Tensor, kl_grad_mu: torch.Tensor,
@@ -267,9 +267,10 @@ class _CombinedLoss(torch.autograd.Function):
     materialised (no zero-filling launches)."""
 
     @staticmethod
-    def forward(ctx, recon, target, mu, logvar, settings, loss_config, kl_weight):
-        grad_recon, grad_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_latent = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+    def forward(ctx, recon, target, mu, logvar, settings, loss_config, kl_weight, grad_enabled):
+        grad_recon, grad_target, grad_mu, grad_logvar = (
+            grad_enabled and needed for needed in ctx.needs_input_grad[:4])
+        grad_latent = grad_mu or grad_logvar
         ctx.set_materialize_grads(False)
         dtype = accumulator_dtype(recon, target, mu, logvar)
         b, _, h, w = recon.shape
@@ -289,7 +290,8 @@ class _CombinedLoss(torch.autograd.Function):
         ctx.save_for_backward(recon, target, mu, unit, aux, kl_grad_mu, kl_grad_logvar)
         ctx.config = (weights, kl_weight > 0, logvar.dtype, grad_recon, grad_target,
                       grad_latent)
-        return tuple(outs[:6])
+        ctx.mark_non_differentiable(aux)
+        return (*outs[:6], aux)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -297,10 +299,10 @@ class _CombinedLoss(torch.autograd.Function):
         weights, has_kl, logvar_dtype, grad_recon, grad_target, grad_latent = ctx.config
         g_recon, g_target, g_mu, g_logvar = combined_backward_op(
             recon, target, mu, logvar_dtype, unit, aux, kl_grad_mu, kl_grad_logvar,
-            list(grads), weights, has_kl, grad_recon, grad_target, grad_latent)
+            list(grads[:6]), weights, has_kl, grad_recon, grad_target, grad_latent)
         return (g_recon if grad_recon else None, g_target if grad_target else None,
                 g_mu if ctx.needs_input_grad[2] else None,
-                g_logvar if ctx.needs_input_grad[3] else None, None, None, None)
+                g_logvar if ctx.needs_input_grad[3] else None, None, None, None, None)
 
 
 def _spectrogram_layout(t: torch.Tensor):
@@ -309,6 +311,9 @@ def _spectrogram_layout(t: torch.Tensor):
 
 
 def combined_loss(recon, target, mu, logvar, settings, loss_config, kl_weight: float):
-    """The six losses of ``compute_combined_loss`` (inputs already validated)."""
-    return dict(zip(OUTPUTS, _CombinedLoss.apply(recon, target, mu, logvar, settings,
-                                                 loss_config, float(kl_weight))))
+    """The six losses of ``compute_combined_loss`` (inputs already validated) by name, and the
+    guard's decision ``F`` (0-dim, 1 where the total was finite). Under ``torch.no_grad()``
+    no gradient is computed."""
+    *losses, aux = _CombinedLoss.apply(recon, target, mu, logvar, settings, loss_config,
+                                       float(kl_weight), torch.is_grad_enabled())
+    return dict(zip(OUTPUTS, losses)), aux[0]

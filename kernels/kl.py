@@ -109,7 +109,7 @@ def _backward_outputs(grad_mu, grad_logvar, mu_dtype, logvar_dtype):
             empty(grad_logvar.shape, logvar_dtype, grad_logvar.device))
 
 
-@kernel_op("distill::free_bits_kl", mutates_args=())
+@kernel_op("distill_fused::free_bits_kl", mutates_args=())
 def free_bits_kl_op(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float, write_grad: bool
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(kl, dkl/dmu, dkl/dlogvar)``, the gradients in the accumulator dtype (empty unless
@@ -124,7 +124,7 @@ def free_bits_kl_op(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float, wr
     return kl, grad_mu, grad_logvar
 
 
-@kernel_op("distill::free_bits_kl_backward", mutates_args=())
+@kernel_op("distill_fused::free_bits_kl_backward", mutates_args=())
 def free_bits_kl_backward_op(grad_mu: torch.Tensor, grad_logvar: torch.Tensor,
                              grad_out: torch.Tensor, mu_dtype: torch.dtype,
                              logvar_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -186,7 +186,7 @@ def _backward_outputs(recon: torch.Tensor, target: torch.Tensor, target_grad: bo
             empty(target.shape if target_grad else (0,), grad_dtype, target.device))
 
 
-@kernel_op("distill::recon_terms", mutates_args=())
+@kernel_op("distill_fused::recon_terms", mutates_args=())
 def recon_terms_op(recon: torch.Tensor, target: torch.Tensor
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(mag, if, stats)``: the two loss terms (0-dim) and ``stats = (A, M)`` for backward."""
@@ -204,7 +204,7 @@ def recon_terms_op(recon: torch.Tensor, target: torch.Tensor
     return mag, if_loss, stats
 
 
-@kernel_op("distill::recon_terms_backward", mutates_args=())
+@kernel_op("distill_fused::recon_terms_backward", mutates_args=())
 def recon_terms_backward_op(recon: torch.Tensor, target: torch.Tensor, stats: torch.Tensor,
                             grad_mag: torch.Tensor, grad_if: torch.Tensor, target_grad: bool
                             ) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -441,7 +441,7 @@ def _frames_adjoint_kernel(
 # Launchers (custom ops) and the FFT steps between them
 # --------------------------------------------------------------------------------------------
 
-@kernel_op("distill::stft_frames", mutates_args=())
+@kernel_op("distill_fused::stft_frames", mutates_args=())
 def stft_frames_op(x: torch.Tensor, y: torch.Tensor, x_strides: List[int],
                    y_strides: List[int], channels: int, width: int, signals: int, length: int,
                    meta: torch.Tensor, windows: torch.Tensor, frames_numel: int,
@@ -502,7 +502,7 @@ def launch_spectral_partials(spec: torch.Tensor, meta: torch.Tensor, params: tor
     return partials
 
 
-@kernel_op("distill::mrstft_reduce", mutates_args=())
+@kernel_op("distill_fused::mrstft_reduce", mutates_args=())
 def mrstft_reduce_op(spec: torch.Tensor, meta: torch.Tensor, params: torch.Tensor,
                      signals: int, n_res: int, max_tiles: int, use_terms: List[bool]
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -517,7 +517,7 @@ def mrstft_reduce_op(spec: torch.Tensor, meta: torch.Tensor, params: torch.Tenso
     return loss, scalars
 
 
-@kernel_op("distill::stft_spectral_grad", mutates_args=("spec",))
+@kernel_op("distill_fused::stft_spectral_grad", mutates_args=("spec",))
 def stft_spectral_grad_op(spec: torch.Tensor, meta: torch.Tensor, scalars: torch.Tensor,
                           params: torch.Tensor, signals: int, n_res: int, max_tiles: int,
                           grad_x: bool, grad_y: bool, use_terms: List[bool]) -> None:
@@ -527,7 +527,7 @@ def stft_spectral_grad_op(spec: torch.Tensor, meta: torch.Tensor, scalars: torch
         ACC=tl_dtype(_real_dtype(spec)), BLOCK=BLOCK, **GATHER)
 
 
-@kernel_op("distill::stft_frames_adjoint", mutates_args=())
+@kernel_op("distill_fused::stft_frames_adjoint", mutates_args=())
 def stft_frames_adjoint_op(frames: torch.Tensor, meta: torch.Tensor, windows: torch.Tensor,
                            n_res: int, signals: int, length: int, first_side: int, sides: int,
                            max_cover: int) -> torch.Tensor:
@@ -565,7 +565,7 @@ class _MRSTFTLoss(torch.autograd.Function):
     """MRSTFT of ``[B, C, T]`` signals, its gradient computed in the forward pass."""
 
     @staticmethod
-    def forward(ctx, x, y, settings):
+    def forward(ctx, x, y, settings, grad_enabled):
         dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
         signals, length = x.shape[0] * x.shape[1], x.shape[2]
         plan = make_plan(settings, signals, length, x.device, dtype)
@@ -573,7 +573,7 @@ class _MRSTFTLoss(torch.autograd.Function):
         spec = spectra_of(frames, plan)
         loss, scalars = mrstft_reduce_op(spec, plan.meta, plan.params, signals, plan.n_res,
                                          plan.max_spec_tiles, list(plan.use_terms))
-        grad_x, grad_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x, grad_y = (grad_enabled and needed for needed in ctx.needs_input_grad[:2])
         grad = (signal_gradient(spec, frames, scalars, plan, grad_x, grad_y)
                 if grad_x or grad_y else None)
         ctx.save_for_backward(grad)
@@ -590,11 +590,10 @@ class _MRSTFTLoss(torch.autograd.Function):
         else:
             gx, gy = (grad, None) if ctx.needs_input_grad[0] else (None, grad)
         return (None if gx is None else gx.view(shape).to(x_dtype),
-                None if gy is None else gy.view(shape).to(y_dtype), None)
+                None if gy is None else gy.view(shape).to(y_dtype), None, None)
 
 
 def mrstft_loss(x: torch.Tensor, y: torch.Tensor, settings) -> torch.Tensor:
-    """MRSTFT of ``[B, C, T]`` tensors of any strides and float dtypes (see the docstring)."""
-    return _MRSTFTLoss.apply(x, y, settings)
-
-
+    """MRSTFT of ``[B, C, T]`` tensors of any strides and float dtypes (see the docstring); no
+    gradient is computed under ``torch.no_grad()``."""
+    return _MRSTFTLoss.apply(x, y, settings, torch.is_grad_enabled())

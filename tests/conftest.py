@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from distill.backends import available_backends
-from distill.models import compute_combined_loss
-from distill.synthetic import noise_batch, realistic_batch
+from distill_fused.backends import available_backends
+from distill_fused import compute_combined_loss
+from distill_fused.synthetic import noise_batch, realistic_batch
 
 LOSS_KEYS = ("total_loss", "stft_loss", "mag_recon_loss", "if_recon_loss", "kl_loss",
              "recon_loss")
@@ -26,16 +26,39 @@ def poisoned_kernel_outputs(monkeypatch):
     if "triton" not in FAST_BACKENDS:
         return
 
-    import distill.kernels.combined as combined
-    import distill.kernels.kl as kl
-    import distill.kernels.recon as recon
-    import distill.kernels.stft as stft
+    import distill_fused.kernels.combined as combined
+    import distill_fused.kernels.kl as kl
+    import distill_fused.kernels.recon as recon
+    import distill_fused.kernels.stft as stft
 
     def poisoned(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     for module in (combined, kl, recon, stft):
         monkeypatch.setattr(module, "empty", poisoned)
+
+
+@pytest.fixture
+def triton_launches(monkeypatch):
+    """Counts every Triton kernel launch of distill_fused.kernels."""
+    import distill_fused.kernels.combined as combined
+    import distill_fused.kernels.kl as kl
+    import distill_fused.kernels.recon as recon
+    import distill_fused.kernels.stft as stft
+
+    launched = []
+
+    def counting(kernel):
+        def at(grid):
+            def launch(*args, **kwargs):
+                launched.append(kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel))
+                return kernel[grid](*args, **kwargs)
+            return launch
+        return type("Counting", (), {"__getitem__": lambda self, grid: at(grid)})()
+
+    for module in (combined, kl, recon, stft):
+        monkeypatch.setattr(module, "wrap_triton", counting)
+    return launched
 
 
 @pytest.fixture

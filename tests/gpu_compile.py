@@ -123,7 +123,7 @@ class LaunchRecorder:
         # ptxas's own account of registers and spills comes from its log, which Triton prints
         # when it assembles a kernel: so every specialization is compiled afresh in this
         # process (an empty on-disk cache), once (the in-memory cache keeps it).
-        self._cache_dir = tempfile.TemporaryDirectory(prefix="distill-aot-")
+        self._cache_dir = tempfile.TemporaryDirectory(prefix="distill-fused-aot-")
         self._knobs = (knobs.cache.dir, knobs.nvidia.dump_ptxas_log)
         knobs.cache.dir, knobs.nvidia.dump_ptxas_log = self._cache_dir.name, True
         recorder = self
@@ -215,7 +215,7 @@ CASES = _cases()
 
 
 def _batch(case: Case):
-    from distill.synthetic import realistic_batch
+    from distill_fused.synthetic import realistic_batch
     b, h, w, d = SHAPES[case.shape]
     batch = realistic_batch(b, h, w, d, dtype=torch.float32, seed=0)
     return [t.to(DTYPES[case.dtype]) for t in batch]
@@ -227,15 +227,14 @@ def _plain_stft_loss(x, y):
 
 
 def _custom_stft_loss():
-    from distill.models import MultiResolutionSTFTLoss
+    from distill_fused import MultiResolutionSTFTLoss
     return MultiResolutionSTFTLoss(fft_sizes=(128, 256, 512, 1024), hop_sizes=(32, 64, 128, 256),
                                    win_lengths=(100, 256, 400, 1024), w_lin_mag=0.5)
 
 
 def step(case: Case, loss_fn=None):
     """Forward and backward of ``case``: returns ``(outputs, input gradients)``."""
-    from distill.models import compute_combined_loss, create_stft_loss
-    from distill.training import LossConfig
+    from distill_fused import LossConfig, compute_combined_loss, create_stft_loss
 
     config = LossConfig()
     recon, target, mu, logvar = _batch(case)
@@ -267,7 +266,7 @@ def step(case: Case, loss_fn=None):
 
 @contextlib.contextmanager
 def _fft_grouping(grouping):
-    from distill.kernels.stft import GROUPING_ENV
+    from distill_fused.kernels.stft import GROUPING_ENV
     old = os.environ.get(GROUPING_ENV)
     os.environ[GROUPING_ENV] = grouping
     try:
@@ -282,8 +281,8 @@ def _fft_grouping(grouping):
 @contextlib.contextmanager
 def _index_width(wide: bool):
     """With ``wide``, the launchers choose int64 index math whatever the sizes."""
-    import distill.kernels.combined as combined
-    import distill.kernels.kl as kl
+    import distill_fused.kernels.combined as combined
+    import distill_fused.kernels.kl as kl
     saved = combined.index_dtype, kl.index_dtype
     if wide:
         combined.index_dtype = kl.index_dtype = lambda *args: triton.language.int64
@@ -296,7 +295,7 @@ def _index_width(wide: bool):
 def route_cpu_tensors_to_triton():
     """This process stands in for a GPU: CPU tensors take the ``triton`` backend (whose
     launches compile instead of running), as CUDA tensors would by default."""
-    import distill.backends as backends
+    import distill_fused.backends as backends
     backends._triton_usable = lambda device: backends._load("triton") is not None
     os.environ[backends.ENV_VAR] = "triton"
 
@@ -417,14 +416,15 @@ def specializations(launches: List[Launch], ptxas_logs: Dict[str, str]) -> List[
 
 
 def kernels_defined() -> List[str]:
-    """Every launchable kernel of ``distill.kernels`` (a ``JITFunction`` named ``*_kernel``)."""
+    """Every launchable kernel of ``distill_fused.kernels`` (a ``JITFunction`` named
+    ``*_kernel``)."""
     import importlib
     import pkgutil
 
-    import distill.kernels as package
+    import distill_fused.kernels as package
     names = set()
     for info in pkgutil.iter_modules(package.__path__):
-        module = importlib.import_module(f"distill.kernels.{info.name}")
+        module = importlib.import_module(f"distill_fused.kernels.{info.name}")
         for name, value in vars(module).items():
             if isinstance(value, JITFunction) and name.endswith("_kernel"):
                 names.add(value.fn.__name__)
@@ -442,7 +442,7 @@ def _meta(t) -> Optional[list]:
 
 
 class OpOutputs(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records each ``distill::`` op call: its name and its outputs' shapes/dtypes/strides."""
+    """Records each ``distill_fused::`` op call: its name and its outputs' shapes/dtypes/strides."""
 
     def __init__(self):
         super().__init__()
@@ -450,7 +450,7 @@ class OpOutputs(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.namespace == "distill":
+        if func.namespace == "distill_fused":
             flat = out if isinstance(out, (list, tuple)) else [out]
             self.calls.append([func.__name__, [_meta(t) for t in flat]])
         return out
@@ -469,10 +469,10 @@ def triton_kernels_of(op: str) -> Optional[List[str]]:
 def registration_report(recorder: LaunchRecorder) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    import distill.kernels._common as common
+    import distill_fused.kernels._common as common
     report = {"traceable": common.TRACEABLE_KERNELS, "checks": {},
-              "ops": {f"distill::{name}": triton_kernels_of(f"distill::{name}")
-                      for name in sorted(torch.ops.distill)}}
+              "ops": {f"distill_fused::{name}": triton_kernels_of(f"distill_fused::{name}")
+                      for name in sorted(torch.ops.distill_fused)}}
 
     def eager_vs(label, case: Case, run):
         recorder.case = f"{label}:{case.name}"
@@ -494,7 +494,7 @@ def registration_report(recorder: LaunchRecorder) -> dict:
         return fake.calls, out, grads
 
     def compiled_aot_eager(case):
-        from distill.models import compute_combined_loss
+        from distill_fused import compute_combined_loss
         torch._dynamo.reset()
         compiled = torch.compile(compute_combined_loss, fullgraph=True, backend="aot_eager")
         out, grads = step(case, loss_fn=compiled)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from distill.backends import ENV_VAR, available_backends, select_backend
+from distill_fused.backends import ENV_VAR, available_backends, select_backend
 
 
 def test_auto_on_cpu_is_torch(monkeypatch):
@@ -36,7 +36,7 @@ def test_unavailable_backend_is_a_value_error(monkeypatch):
 
 
 def test_env_var_reaches_compute_combined_loss(monkeypatch):
-    from distill.models import compute_combined_loss
+    from distill_fused import compute_combined_loss
     monkeypatch.setenv(ENV_VAR, "nope")
     x = torch.randn(1, 2, 16, 80)
     with pytest.raises(ValueError, match="DISTILL_LOSS_BACKEND"):

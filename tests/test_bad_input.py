@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import FAST_BACKENDS
-from distill.models import compute_combined_loss
+from distill_fused import compute_combined_loss
 
 B, H, W, D = 2, 16, 67, 8
 
@@ -55,13 +55,13 @@ def test_bad_input_is_rejected_before_any_work(backend, name, monkeypatch):
     args, error, pattern = CASES[name]
     snapshot = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
 
-    import distill.backends as backends
+    import distill_fused.backends as backends
 
     def no_work(*a, **k):
         raise AssertionError("backend reached with bad input")
 
     monkeypatch.setattr(backends, "select_backend", no_work)
-    monkeypatch.setattr("distill.models.losses.select_backend", no_work)
+    monkeypatch.setattr("distill_fused.losses.select_backend", no_work)
     with pytest.raises(error, match=pattern):
         compute_combined_loss(**args, kl_weight=0.1, backend=backend)
     for key, value in args.items():

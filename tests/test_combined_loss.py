@@ -6,7 +6,7 @@ import torch
 
 from conftest import (FAST_BACKENDS, assert_matches_oracle, assert_same_results, make_batch,
                       rel_err, requires_cuda, run_loss)
-from distill.training import LossConfig, STFTLossConfig
+from distill_fused import LossConfig, STFTLossConfig
 
 DTYPES = [torch.float64, torch.float32]
 
@@ -120,7 +120,7 @@ def strided_copy(t):
 
 
 def compute(backend, *tensors, **kwargs):
-    from distill.models import compute_combined_loss
+    from distill_fused import compute_combined_loss
     return compute_combined_loss(*tensors, backend=backend, **kwargs)
 
 

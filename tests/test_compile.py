@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from conftest import FAST_BACKENDS, make_batch, rel_err, requires_cuda
-from distill.models import compute_combined_loss, create_stft_loss
-from distill.training import LossConfig
+from distill_fused import LossConfig, compute_combined_loss, create_stft_loss
 
 
 def _compiled_vs_eager(backend, device, compile_backend, seed):

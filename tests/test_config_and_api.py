@@ -1,15 +1,20 @@
 """Configuration defaults and checks, re-exports, and the small helpers of the API."""
 
+import importlib.util
 import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
-import distill.models as models
-import distill.training as training
-from distill.models import compute_kl_divergence, get_kl_weight, vae_loss
-from distill.training.config import (KLLossConfig, LossConfig, ReconLossConfig, STFTLossConfig,
-                                     TrainingConfig)
+import distill_fused
+from conftest import make_batch
+from distill_fused import (MultiResolutionSTFTLoss, compute_combined_loss, compute_kl_divergence,
+                           create_stft_loss, get_kl_weight, vae_loss)
+from distill_fused.config import KLLossConfig, LossConfig, ReconLossConfig, STFTLossConfig
 
 
 def test_defaults():
@@ -19,19 +24,19 @@ def test_defaults():
     assert (c.reconstruction.weight, c.reconstruction.magnitude_weight,
             c.reconstruction.if_weight) == (0.1, 1.0, 0.5)
     assert (c.kl.weight_max, c.kl.warmup_fraction, c.kl.free_bits) == (0.01, 0.3, 0.1)
-    t = TrainingConfig()
-    assert isinstance(t.loss, LossConfig)
-    assert (t.kl_warmup_fraction, t.kl_weight_max, t.free_bits, t.latent_dim, t.batch_size) == (
-        0.3, 0.01, 0.1, 128, 32)
 
 
-def test_re_exports():
-    for name in ("LossConfig", "STFTLossConfig", "ReconLossConfig", "KLLossConfig",
-                 "TrainingConfig"):
-        assert getattr(training, name) is getattr(training.config, name)
+def test_top_level_api():
+    """The API lives at the top level, under a name that cannot collide with the application's
+    ``distill`` package, and no training config of ours competes with the application's."""
+    for name in ("LossConfig", "STFTLossConfig", "ReconLossConfig", "KLLossConfig"):
+        assert getattr(distill_fused, name) is getattr(distill_fused.config, name)
     for name in ("compute_combined_loss", "create_stft_loss", "vae_loss", "get_kl_weight",
                  "compute_kl_divergence"):
-        assert getattr(models, name) is getattr(models.losses, name)
+        assert getattr(distill_fused, name) is getattr(distill_fused.losses, name)
+    assert set(distill_fused.__all__) <= set(dir(distill_fused))
+    assert not hasattr(distill_fused, "TrainingConfig")
+    assert not hasattr(distill_fused.config, "TrainingConfig")
 
 
 @pytest.mark.parametrize("make, field", [
@@ -47,7 +52,6 @@ def test_re_exports():
     (lambda: KLLossConfig(warmup_fraction=1.5), "warmup_fraction"),
     (lambda: KLLossConfig(warmup_fraction=-0.1), "warmup_fraction"),
     (lambda: KLLossConfig(free_bits=-1.0), "free_bits"),
-    (lambda: TrainingConfig(kl_warmup_fraction=2.0), "kl_warmup_fraction"),
 ])
 def test_bad_config_names_the_field(make, field):
     with pytest.raises(ValueError, match=field):
@@ -77,3 +81,95 @@ def test_vae_loss_and_kl_divergence():
     torch.testing.assert_close(total0, mse)
     raw = compute_kl_divergence(mu, logvar)
     assert isinstance(raw, float) and math.isclose(raw, float(k.sum(1).mean()), rel_tol=1e-6)
+
+
+def _host_config_module():
+    """The application's own ``distill/training/config.py`` (pure Python), loaded by path."""
+    path = Path(__file__).parent / "host_app" / "distill" / "training" / "config.py"
+    spec = importlib.util.spec_from_file_location("host_training_config", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_numpy_scalars_and_lists_become_python_values():
+    c = LossConfig(stft=STFTLossConfig(weight=np.float32(0.5), fft_sizes=[np.int64(256), 512],
+                                       hop_sizes=np.array([64, 128]),
+                                       win_lengths=(np.int32(256), np.uint16(400))),
+                   reconstruction=ReconLossConfig(weight=np.float64(0.2), if_weight=np.int64(1)),
+                   kl=KLLossConfig(free_bits=np.float16(0.25)))
+    assert c.stft.weight == 0.5 and type(c.stft.weight) is float
+    assert c.stft.fft_sizes == (256, 512) and c.stft.hop_sizes == (64, 128)
+    assert c.stft.win_lengths == (256, 400)
+    for sizes in (c.stft.fft_sizes, c.stft.hop_sizes, c.stft.win_lengths):
+        assert all(type(s) is int for s in sizes)
+    assert type(c.reconstruction.weight) is float and type(c.reconstruction.if_weight) is float
+    assert c.kl.free_bits == 0.25 and type(c.kl.free_bits) is float
+    with pytest.raises(ValueError, match="fft_sizes"):
+        STFTLossConfig(fft_sizes=[np.float64(512)])
+    with pytest.raises(ValueError, match="weight"):
+        ReconLossConfig(weight=np.float32("nan"))
+
+
+def test_host_config_objects_are_taken(seed):
+    """The application's own LossConfig, with numpy values as its code can make them, gives the
+    numbers of ours built from the same values (and numpy kl_weight the numbers of a float)."""
+    host = _host_config_module()
+    host_config = host.LossConfig(
+        stft=host.STFTLossConfig(weight=np.float32(0.75), fft_sizes=[np.int64(128), 256],
+                                 hop_sizes=(np.int64(32), 64), win_lengths=[128, np.int32(200)]),
+        reconstruction=host.ReconLossConfig(weight=np.float64(0.2)),
+        kl=host.KLLossConfig(free_bits=np.float64(0.05)))
+    ours = LossConfig(stft=STFTLossConfig(weight=0.75, fft_sizes=(128, 256), hop_sizes=(32, 64),
+                                          win_lengths=(128, 200)),
+                      reconstruction=ReconLossConfig(weight=0.2), kl=KLLossConfig(free_bits=0.05))
+    batch = make_batch("realistic", torch.float64, seed)
+    got = compute_combined_loss(*batch, host_config, kl_weight=np.float64(0.3))
+    want = compute_combined_loss(*batch, ours, kl_weight=0.3)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    stft = create_stft_loss(host_config, "cpu")
+    assert stft.fft_sizes == [128, 256] and stft.win_lengths == [128, 200]
+    got = compute_combined_loss(*batch, host_config, np.float32(0.3), _stft_loss_fn=stft)
+    want = compute_combined_loss(*batch, ours, float(np.float32(0.3)))
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    # The application's TrainingConfig is its own: ours has none, its loss field is taken.
+    assert isinstance(host.get_adaptive_config(120).loss, host.LossConfig)
+    compute_combined_loss(*batch, host.get_adaptive_config(120).loss, 0.1)
+
+
+def test_bad_host_config_is_named(seed):
+    host = _host_config_module()
+    batch = make_batch("realistic", torch.float64, seed)
+    with pytest.raises(ValueError, match="STFTLossConfig.weight"):
+        compute_combined_loss(*batch, host.LossConfig(stft=host.STFTLossConfig(weight=-1.0)))
+    with pytest.raises(ValueError, match="KLLossConfig.free_bits"):
+        compute_combined_loss(*batch, host.LossConfig(kl=host.KLLossConfig(free_bits="0.1")))
+    with pytest.raises(TypeError, match="loss_config"):
+        compute_combined_loss(*batch, SimpleNamespace(stft=None))
+    with pytest.raises(ValueError, match="fft_sizes"):
+        create_stft_loss(host.LossConfig(stft=host.STFTLossConfig(fft_sizes=[[512]])))
+
+
+def test_config_changed_after_it_was_built_is_checked(seed):
+    config = LossConfig()
+    batch = make_batch("realistic", torch.float64, seed)
+    config.reconstruction.if_weight = -0.5
+    with pytest.raises(ValueError, match="ReconLossConfig.if_weight"):
+        compute_combined_loss(*batch, config)
+    config.reconstruction.if_weight = np.float64(0.25)
+    got = compute_combined_loss(*batch, config)
+    want = compute_combined_loss(*batch, LossConfig(reconstruction=ReconLossConfig(
+        if_weight=0.25)))
+    assert torch.equal(got["recon_loss"], want["recon_loss"])
+
+
+def test_stft_module_takes_numpy_sizes():
+    module = MultiResolutionSTFTLoss(fft_sizes=np.array([256, 512]), hop_sizes=[np.int64(64),
+                                     128], win_lengths=(256, np.int16(400)), w_sc=np.float32(1))
+    assert module.fft_sizes == [256, 512] and module.hop_sizes == [64, 128]
+    assert all(type(v) is int for v in module.fft_sizes + module.hop_sizes + module.win_lengths)
+    with pytest.raises(ValueError, match="hop_sizes"):
+        MultiResolutionSTFTLoss(fft_sizes=[256], hop_sizes=[0], win_lengths=[256])

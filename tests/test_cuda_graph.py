@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from conftest import make_batch, rel_err
-from distill.models import compute_combined_loss, create_stft_loss
-from distill.training import LossConfig
+from distill_fused import LossConfig, compute_combined_loss, create_stft_loss
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import FAST_BACKENDS, assert_matches_oracle, make_batch
-from distill.training import LossConfig, STFTLossConfig
+from distill_fused import LossConfig, STFTLossConfig
 
 pytestmark = pytest.mark.skipif("triton" not in FAST_BACKENDS,
                                 reason="the triton backend is not available here "
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif("triton" not in FAST_BACKENDS,
 
 
 def test_fft_groups():
-    from distill.kernels.stft import fft_groups
+    from distill_fused.kernels.stft import fft_groups
     assert fft_groups([512, 1024, 2048], "per_resolution") == [[0], [1], [2]]
     assert fft_groups([512, 1024, 2048], "shared") == [[2, 1, 0]]
     assert fft_groups([100, 60, 300, 77], "shared") == [[2, 0, 1], [3]]  # 300 = 3*100 = 5*60

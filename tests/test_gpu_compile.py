@@ -86,7 +86,7 @@ def test_every_specialization_compiles(report):
 
 
 def test_every_kernel_is_compiled_for_every_arch(report):
-    """A kernel added to distill.kernels is covered without listing it here: it must be
+    """A kernel added to distill_fused.kernels is covered without listing it here: it must be
     launched by some case (add one to gpu_compile.CASES if not) and have a budget."""
     defined = set(report["kernels_defined"])
     assert defined == set(KERNEL_BUDGETS), (
@@ -159,7 +159,7 @@ def test_gpu_mode_registers_triton_ops(report):
     if not hasattr(torch.library, "triton_op"):
         pytest.skip("torch < 2.6 has no triton_op: the ops are custom ops on GPUs too")
     assert registration["traceable"]
-    assert registration["ops"], "no distill:: op registered"
+    assert registration["ops"], "no distill_fused:: op registered"
     if None in registration["ops"].values():
         pytest.skip(f"torch {report['torch']} keeps no table of the kernels in each triton_op")
     for name, kernels in registration["ops"].items():
@@ -179,7 +179,7 @@ def test_gpu_mode_fake_tensors_give_eager_metadata(report):
     gradients."""
     for name, check in _checks(report, "fake").items():
         assert check["error"] is None, f"{name}:\n{check['error']}"
-        assert check["eager_ops"], f"{name}: no distill op was called"
+        assert check["eager_ops"], f"{name}: no distill_fused op was called"
         assert check["ops"] == check["eager_ops"], name
         assert check["outputs"] == check["eager_outputs"], name
 
@@ -205,8 +205,7 @@ def test_interpreter_fakes_give_eager_metadata(seed, grad_target):
     leaves no fake tensor in a cache (the eager step after it gives the eager numbers)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from distill.models import compute_combined_loss, create_stft_loss
-    from distill.training import LossConfig, STFTLossConfig
+    from distill_fused import LossConfig, STFTLossConfig, compute_combined_loss, create_stft_loss
 
     batch = make_batch("realistic", torch.float32, seed)
     # Sizes no other test uses: the config's settings and plans are made by the fake run.
@@ -227,7 +226,7 @@ def test_interpreter_fakes_give_eager_metadata(seed, grad_target):
         fakes = [run(), run(module)]
     eagers = [run(), run(module)]
     fresh = run(create_stft_loss(config, "cpu"))
-    assert fresh[0], "no distill op was called"
+    assert fresh[0], "no distill_fused op was called"
     for fake, eager in zip(fakes, eagers):
         assert fake[:2] == eager[:2] == fresh[:2]
         for key in eager[2]:
@@ -239,7 +238,7 @@ def test_interpreter_fakes_give_eager_metadata(seed, grad_target):
 @requires_interpreted_triton
 def test_interpreter_kl_with_int64_index_math(seed, monkeypatch):
     """The int64 index path (a latent past 2^31 elements) gives the int32 path's results."""
-    import distill.kernels.kl as kl
+    import distill_fused.kernels.kl as kl
 
     g = torch.Generator().manual_seed(seed)
     mu, logvar = torch.randn(3, 2000, generator=g), torch.randn(3, 2000, generator=g)
@@ -258,7 +257,7 @@ def test_interpreter_kl_with_int64_index_math(seed, monkeypatch):
 
 
 def test_index_dtype():
-    from distill.kernels._common import index_dtype
+    from distill_fused.kernels._common import index_dtype
     tl = triton.language
     assert index_dtype(1024, torch.empty(32, 128)) == tl.int32
     assert index_dtype(1024, torch.empty(2**16, 2**15, device="meta")) == tl.int64

@@ -42,7 +42,7 @@ def test_non_finite_total_falls_back_to_recon(backend, where, seed):
 def test_gradient_is_recon_loss_gradient(backend, seed):
     batch = _with_blowup(make_batch("noise", torch.float64, seed), "kl")
     leaves = [t.clone().requires_grad_() for t in batch]
-    from distill.models import compute_combined_loss
+    from distill_fused import compute_combined_loss
     out = compute_combined_loss(*leaves, kl_weight=1.0, backend=backend)
     (g_total,) = torch.autograd.grad(out["total_loss"], leaves[0], retain_graph=True)
     (g_recon,) = torch.autograd.grad(out["recon_loss"], leaves[0])

@@ -34,7 +34,7 @@ def _recon_reference(recon, target):
 
 
 def _check_recon(recon, target, dtype, grad_target, tol_loss, tol_grad):
-    from distill.kernels.recon import recon_terms
+    from distill_fused.kernels.recon import recon_terms
 
     def run(fn, r, t, dt=dtype):
         r = r.detach().to(dt).requires_grad_()
@@ -118,7 +118,7 @@ def test_recon_kernel_half_inputs_accumulate_in_float32(device, dtype, seed):
         pytest.skip("the Triton interpreter has no bf16 (numpy lacks it)")
     randn = _gen(seed, device)
     recon, target = randn(2, 2, 8, 37).to(dtype), randn(2, 2, 8, 37).abs().to(dtype)
-    from distill.kernels.recon import recon_terms
+    from distill_fused.kernels.recon import recon_terms
     r = recon.clone().requires_grad_()
     mag, if_loss = recon_terms(r, target)
     (mag + if_loss).backward()
@@ -136,7 +136,7 @@ def _kl_reference(mu, logvar, free_bits):
 
 
 def _check_kl(mu, logvar, free_bits, dtype, tol):
-    from distill.kernels.kl import free_bits_kl
+    from distill_fused.kernels.kl import free_bits_kl
 
     def run(fn, m, v, dt=dtype):
         m, v = m.detach().to(dt).requires_grad_(), v.detach().to(dt).requires_grad_()
@@ -192,7 +192,7 @@ def test_kl_kernel_strided_inputs(device, seed):
 @pytest.mark.parametrize("device", DEVICES)
 def test_kl_backward_zero_gradient_stays_zero(device, seed):
     """A zero incoming gradient (the non-finite guard's) gives zeros even where exp overflows."""
-    from distill.kernels.kl import free_bits_kl
+    from distill_fused.kernels.kl import free_bits_kl
     randn = _gen(seed, device)
     mu = randn(2, 5).requires_grad_()
     logvar = randn(2, 5)
@@ -207,7 +207,7 @@ def test_kl_backward_zero_gradient_stays_zero(device, seed):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_nan_inputs_give_nan_like_torch(device):
-    from distill.kernels.recon import recon_terms
+    from distill_fused.kernels.recon import recon_terms
     recon = torch.ones(1, 2, 4, 5, dtype=torch.float64, device=device)
     target = torch.zeros_like(recon)
     recon[0, 0, 1, 1] = float("nan")

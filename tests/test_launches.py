@@ -7,8 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import FAST_BACKENDS, make_batch, run_loss
-from distill.models import compute_combined_loss, create_stft_loss
-from distill.training import LossConfig
+from distill_fused import LossConfig, compute_combined_loss, create_stft_loss
 
 pytestmark = pytest.mark.skipif("triton" not in FAST_BACKENDS,
                                 reason="the triton backend is not available here "
@@ -34,29 +33,6 @@ class LaunchCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.fixture
-def triton_launches(monkeypatch):
-    """Counts every Triton kernel launch of distill.kernels."""
-    import distill.kernels.combined as combined
-    import distill.kernels.kl as kl
-    import distill.kernels.recon as recon
-    import distill.kernels.stft as stft
-
-    launched = []
-
-    def counting(kernel):
-        def at(grid):
-            def launch(*args, **kwargs):
-                launched.append(kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel))
-                return kernel[grid](*args, **kwargs)
-            return launch
-        return type("Counting", (), {"__getitem__": lambda self, grid: at(grid)})()
-
-    for module in (combined, kl, recon, stft):
-        monkeypatch.setattr(module, "wrap_triton", counting)
-    return launched
-
-
 def _step(batch, config, stft_fn, grad_target=False):
     leaves = [t.clone().requires_grad_(i != 1 or grad_target) for i, t in enumerate(batch)]
     counter = LaunchCounter()
@@ -69,7 +45,7 @@ def _step(batch, config, stft_fn, grad_target=False):
 
 @pytest.mark.parametrize("grouping", ["per_resolution", "shared"])
 def test_at_most_16_launches_per_step(triton_launches, seed, grouping, monkeypatch):
-    from distill.kernels.stft import GROUPING_ENV, fft_groups
+    from distill_fused.kernels.stft import GROUPING_ENV, fft_groups
     monkeypatch.setenv(GROUPING_ENV, grouping)
     config = LossConfig()
     n_ffts = len(fft_groups(config.stft.fft_sizes, grouping))  # 3, or 1 when shared

@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import FAST_BACKENDS, make_batch
-from distill.models import compute_combined_loss
+from distill_fused import compute_combined_loss
 
 SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
             torch.ops.aten.is_nonzero.default}
@@ -64,7 +64,7 @@ def test_the_recorder_sees_a_sync():
 def test_torch_backend_never_calls_angle(seed):
     ops = _step("torch", make_batch("realistic", torch.float32, seed), kl_weight=0.1)
     assert ops and torch.ops.aten.angle.default not in ops
-    import distill.backends.torch_backend as module
+    import distill_fused.backends.torch_backend as module
     assert not re.search(r"\bangle\(", inspect.getsource(module))
 
 

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import FAST_BACKENDS, assert_matches_oracle, make_batch
-from distill.training import LossConfig, STFTLossConfig
+from distill_fused import LossConfig, STFTLossConfig
 
 
 @st.composite

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import FAST_BACKENDS, assert_matches_oracle, make_batch
-from distill.models import MultiResolutionSTFTLoss
+from distill_fused import MultiResolutionSTFTLoss
 
 pytestmark = pytest.mark.skipif("triton" not in FAST_BACKENDS,
                                 reason="the triton backend is not available here "
@@ -14,10 +14,10 @@ pytestmark = pytest.mark.skipif("triton" not in FAST_BACKENDS,
 
 @pytest.fixture
 def tiny_blocks(monkeypatch):
-    import distill.kernels.combined as combined
-    import distill.kernels.kl as kl
-    import distill.kernels.recon as recon
-    import distill.kernels.stft as stft
+    import distill_fused.kernels.combined as combined
+    import distill_fused.kernels.kl as kl
+    import distill_fused.kernels.recon as recon
+    import distill_fused.kernels.stft as stft
 
     # Sizes below make tiles > block (several epilogue chunks) for every reduction.
     for module, name, block in ((stft, "BLOCK", 32), (combined, "BLOCK", 32), (kl, "BLOCK", 32),

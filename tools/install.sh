@@ -22,5 +22,10 @@ fi
 if [ -n "${2:-}" ]; then
     pin+=(-c "$2")
 fi
+# Before 0.2 this package was installed under the application's name, "distill": an editable
+# install of that name from this checkout would shadow the application, so it is removed.
+if "$py" -m pip show distill 2>/dev/null | grep -qx "Editable project location: $here"; then
+    "$py" -m pip uninstall -q -y distill
+fi
 "$py" -m pip install -q --disable-pip-version-check "${pin[@]}" -e "$here[test,bench]"
-"$py" -c "import torch, distill; print('distill ready in $venv: torch', torch.__version__)"
+"$py" -c "import torch, distill_fused; print('distill_fused ready in $venv: torch', torch.__version__)"

@@ -10,7 +10,7 @@ import auraloss
 import torch
 
 from ..mrstft import MRSTFTSettings
-from .common import LOSS_KEYS, compute_dtype
+from .common import LOSS_KEYS, Combined, compute_dtype
 
 name = "reference"
 
@@ -37,7 +37,7 @@ def mrstft_loss(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings) -> t
     return auraloss_module(settings)(x.to(dtype), y.to(dtype))
 
 
-def combined_loss(recon, target, mu, logvar, config, kl_weight, stft):
+def combined_loss(recon, target, mu, logvar, config, kl_weight, stft) -> Combined:
     dtype = compute_dtype(recon, target, mu, logvar)
     recon, target, mu, logvar = (t.to(dtype) for t in (recon, target, mu, logvar))
     batch = recon.shape[0]
@@ -62,7 +62,8 @@ def combined_loss(recon, target, mu, logvar, config, kl_weight, stft):
     total_loss = config.stft.weight * stft_loss + recon_loss
     if kl_weight > 0:
         total_loss = total_loss + kl_weight * kl_loss
-    if not torch.isfinite(total_loss):
+    finite = torch.isfinite(total_loss)
+    if not finite:
         total_loss = recon_loss
     return dict(zip(LOSS_KEYS, (total_loss, stft_loss, mag_recon_loss, if_recon_loss, kl_loss,
-                                recon_loss)))
+                                recon_loss))), finite

@@ -11,7 +11,9 @@
     total_loss     = recon_loss where total_loss is not finite (gradients: recon_loss's alone)
 
 with ``rm, ri = recon[:, 0], recon[:, 1]`` and ``tm, ti = target[:, 0], target[:, 1]``.
-The work is done by the backend that ``distill.backends.select_backend`` picks.
+The work is done by the backend that ``distill_fused.backends.select_backend`` picks.
+``loss_config`` may be a ``distill_fused.LossConfig`` or the host application's own config
+object with the same fields.
 """
 
 from __future__ import annotations
@@ -22,18 +24,20 @@ from typing import Dict, Optional
 import torch
 from torch._guards import detect_fake_mode
 
-from ..backends import select_backend
-from ..mrstft import MRSTFTSettings, MultiResolutionSTFTLoss, settings_from_auraloss
-from ..training.config import LossConfig
-from ..validation import check_combined_inputs
+from .backends import select_backend
+from .checks import check_combined_inputs
+from .config import LossConfig, as_loss_config
+from .mrstft import MRSTFTSettings, MultiResolutionSTFTLoss, settings_from_auraloss
+from .nonfinite import nonfinite_mode, record
 
 __all__ = ["compute_combined_loss", "create_stft_loss", "vae_loss", "get_kl_weight",
            "compute_kl_divergence", "MultiResolutionSTFTLoss"]
 
 
 def create_stft_loss(loss_config: LossConfig, device=None) -> MultiResolutionSTFTLoss:
-    """The multi-resolution STFT loss of ``loss_config.stft``, ready for tensors on ``device``."""
-    cfg = loss_config.stft
+    """The multi-resolution STFT loss of ``loss_config.stft``, ready for tensors on ``device``
+    (``loss_config``: a ``LossConfig`` or an object with its fields)."""
+    cfg = as_loss_config(loss_config).stft
     module = MultiResolutionSTFTLoss(fft_sizes=cfg.fft_sizes, hop_sizes=cfg.hop_sizes,
                                      win_lengths=cfg.win_lengths)
     if device is not None:
@@ -96,6 +100,7 @@ def compute_combined_loss(
     _stft_loss_fn=None,
     *,
     backend: Optional[str] = None,
+    nonfinite: Optional[str] = None,
 ) -> Dict[str, torch.Tensor]:
     """The combined VAE loss (see the module docstring) as a dict of 0-dim tensors with keys
     ``total_loss, stft_loss, mag_recon_loss, if_recon_loss, kl_loss, recon_loss``.
@@ -105,13 +110,19 @@ def compute_combined_loss(
     called as given), any callable ``(input, target) -> loss``, or ``None`` for the config's.
     ``backend``: ``auto``, ``reference``, ``torch`` or ``triton``; default: the environment
     variable ``DISTILL_LOSS_BACKEND``, else ``auto``.
+    ``nonfinite``: ``silent``, ``count`` or ``warn``, what to do beyond the fallback when the
+    total is not finite (``distill_fused.nonfinite``); default: ``set_nonfinite_mode``'s, else
+    the environment variable ``DISTILL_NONFINITE``, else ``silent``.
     """
-    if loss_config is None:
-        loss_config = LossConfig()
+    mode = nonfinite_mode(nonfinite)
+    loss_config = as_loss_config(loss_config)
     stft = _stft_term(loss_config, _stft_loss_fn)
-    check_combined_inputs(recon, target, mu, logvar, kl_weight, stft)
+    kl_weight = check_combined_inputs(recon, target, mu, logvar, kl_weight, stft)
     chosen = select_backend(recon.device, backend)
-    return chosen.combined_loss(recon, target, mu, logvar, loss_config, kl_weight, stft)
+    losses, finite = chosen.combined_loss(recon, target, mu, logvar, loss_config, kl_weight,
+                                          stft)
+    record(finite, mode)
+    return losses
 
 
 def _free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> torch.Tensor:

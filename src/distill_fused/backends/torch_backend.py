@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..mrstft import MRSTFTSettings
-from .common import assemble_combined_loss, compute_dtype, scale_saved_grad
+from .common import Combined, assemble_combined_loss, compute_dtype, scale_saved_grad
 
 name = "torch"
 
@@ -166,9 +166,9 @@ class _MRSTFTLoss(torch.autograd.Function):
     backward only scales them by ``grad_output``."""
 
     @staticmethod
-    def forward(ctx, x, y, settings):
-        loss, grad = _mrstft_value_and_grads(
-            x, y, settings, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+    def forward(ctx, x, y, settings, grad_enabled):
+        grad_x, grad_y = (grad_enabled and needed for needed in ctx.needs_input_grad[:2])
+        loss, grad = _mrstft_value_and_grads(x, y, settings, grad_x, grad_y)
         ctx.save_for_backward(grad)
         return loss
 
@@ -180,15 +180,16 @@ class _MRSTFTLoss(torch.autograd.Function):
             gx, gy = grad.chunk(2)
         else:
             gx, gy = (grad, None) if ctx.needs_input_grad[0] else (None, grad)
-        return gx, gy, None
+        return gx, gy, None, None
 
 
 def mrstft_loss(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings) -> torch.Tensor:
-    """MRSTFT of ``[B, C, T]`` signals (half precision computed in float32)."""
+    """MRSTFT of ``[B, C, T]`` signals (half precision computed in float32); no gradient is
+    computed under ``torch.no_grad()``."""
     dtype = compute_dtype(x, y)
     length = x.shape[-1]
     return _MRSTFTLoss.apply(x.reshape(-1, length).to(dtype), y.reshape(-1, length).to(dtype),
-                             settings)
+                             settings, torch.is_grad_enabled())
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,14 +221,15 @@ class _FreeBitsKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, mu, logvar, free_bits):
+    def forward(ctx, mu, logvar, free_bits, grad_enabled):
+        grad_mu, grad_logvar = (grad_enabled and needed for needed in ctx.needs_input_grad[:2])
         var = torch.exp(logvar)
         k = -0.5 * (1 + logvar - mu * mu - var)
         batch = mu.shape[0]
         kl = k.clamp_min(free_bits).sum() / batch
-        active = (k >= free_bits).to(mu.dtype) / batch
-        g_mu = mu * active if ctx.needs_input_grad[0] else None
-        g_logvar = 0.5 * (var - 1) * active if ctx.needs_input_grad[1] else None
+        active = (k >= free_bits).to(mu.dtype) / batch if grad_mu or grad_logvar else None
+        g_mu = mu * active if grad_mu else None
+        g_logvar = 0.5 * (var - 1) * active if grad_logvar else None
         ctx.save_for_backward(g_mu, g_logvar)
         return kl
 
@@ -235,15 +237,16 @@ class _FreeBitsKL(torch.autograd.Function):
     def backward(ctx, grad_output):
         g_mu, g_logvar = ctx.saved_tensors
         return (scale_saved_grad(g_mu, grad_output), scale_saved_grad(g_logvar, grad_output),
-                None)
+                None, None)
 
 
 def free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> torch.Tensor:
     dtype = compute_dtype(mu, logvar)
-    return _FreeBitsKL.apply(mu.to(dtype), logvar.to(dtype), float(free_bits))
+    return _FreeBitsKL.apply(mu.to(dtype), logvar.to(dtype), float(free_bits),
+                             torch.is_grad_enabled())
 
 
-def combined_loss(recon, target, mu, logvar, config, kl_weight, stft):
+def combined_loss(recon, target, mu, logvar, config, kl_weight, stft) -> Combined:
     return assemble_combined_loss(recon, target, mu, logvar, config, kl_weight, stft,
                                   recon_terms=recon_terms, free_bits_kl=free_bits_kl,
                                   mrstft_loss=mrstft_loss)

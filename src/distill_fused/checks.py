@@ -17,8 +17,9 @@ def _check_tensor(name: str, t) -> None:
                         f"or float64), got {t.dtype}")
 
 
-def check_combined_inputs(recon, target, mu, logvar, kl_weight, settings) -> None:
-    """Raise ``TypeError``/``ValueError`` naming the argument and what was expected."""
+def check_combined_inputs(recon, target, mu, logvar, kl_weight, settings):
+    """Raise ``TypeError``/``ValueError`` naming the argument and what was expected; return
+    ``kl_weight`` as a Python float (numpy scalars included), or the one-element tensor given."""
     for name, t in (("recon", recon), ("target", target), ("mu", mu), ("logvar", logvar)):
         _check_tensor(name, t)
     for name, t in (("recon", recon), ("target", target)):
@@ -55,6 +56,8 @@ def check_combined_inputs(recon, target, mu, logvar, kl_weight, settings) -> Non
                              f"{kl_weight.device}")
     elif isinstance(kl_weight, bool) or not isinstance(kl_weight, numbers.Real):
         raise TypeError(f"kl_weight must be a python float, got {type(kl_weight).__name__}")
+    else:
+        kl_weight = float(kl_weight)
     if isinstance(settings, MRSTFTSettings):
         length = recon.shape[2] * recon.shape[3]
         if length < settings.min_length:
@@ -63,3 +66,4 @@ def check_combined_inputs(recon, target, mu, logvar, kl_weight, settings) -> Non
                 f"STFT loss with fft size {max(r.n_fft for r in settings.resolutions)}: "
                 f"H*W must be at least {settings.min_length}"
             )
+    return kl_weight

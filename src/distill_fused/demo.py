@@ -1,4 +1,4 @@
-"""``python -m distill.demo``: the combined loss on a realistic synthetic batch with every
+"""``python -m distill_fused.demo``: the combined loss on a realistic synthetic batch with every
 backend available here, each one's agreement with the float64 auraloss oracle, and its speed.
 
 Options: ``--batch 32 --height 128 --width 94 --latent 128 --reps 10 --device cpu|cuda``.
@@ -13,9 +13,9 @@ import time
 import torch
 
 from .backends import available_backends
-from .models import compute_combined_loss, create_stft_loss
+from .losses import compute_combined_loss, create_stft_loss
 from .synthetic import realistic_batch
-from .training import LossConfig
+from .config import LossConfig
 
 
 def _loss_and_grads(batch, backend, dtype, config, stft_fn, kl_weight):
@@ -96,7 +96,7 @@ def main(argv=None) -> None:
     interpreted = device.type == "cpu" and "triton" in backends
     batch = realistic_batch(args.batch, args.height, args.width, args.latent,
                             dtype=torch.float64, device=device, seed=1234)
-    print(f"distill demo on {device} (torch {torch.__version__}): realistic batch "
+    print(f"distill_fused demo on {device} (torch {torch.__version__}): realistic batch "
           f"recon/target [{args.batch}, 2, {args.height}, {args.width}], "
           f"mu/logvar [{args.batch}, {args.latent}]")
     _report(batch, [b for b in backends if not (interpreted and b == "triton")], device,

@@ -1,9 +1,9 @@
-"""What the fused backends share: input dtypes, the assembly of the combined loss (spec steps
-3, 6 and 7) and the scaling of gradients saved by the forward pass."""
+"""What the backends share: input dtypes, what ``combined_loss`` returns, the assembly of the
+combined loss (spec steps 3, 6 and 7) and the scaling of gradients saved by the forward pass."""
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Union
+from typing import Callable, Dict, Tuple, Union
 
 import torch
 
@@ -11,6 +11,10 @@ from ..mrstft import MRSTFTSettings
 
 LOSS_KEYS = ("total_loss", "stft_loss", "mag_recon_loss", "if_recon_loss", "kl_loss",
              "recon_loss")
+
+# What every backend's ``combined_loss`` returns: the six losses by name, and the guard's
+# decision (0-dim, true/nonzero where the total was finite) for ``distill_fused.nonfinite``.
+Combined = Tuple[Dict[str, torch.Tensor], torch.Tensor]
 
 StftTerm = Union[MRSTFTSettings, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 
@@ -30,7 +34,7 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor):
 
 
 def assemble_combined_loss(recon, target, mu, logvar, config, kl_weight, stft: StftTerm, *,
-                           recon_terms, free_bits_kl, mrstft_loss) -> Dict[str, torch.Tensor]:
+                           recon_terms, free_bits_kl, mrstft_loss) -> Combined:
     """Spec steps 1-7 from a backend's term functions, which take the inputs in their own
     dtypes and return float32 (float64 for float64 inputs). No value is read back to the host."""
     dtype = compute_dtype(recon, target, mu, logvar)
@@ -55,5 +59,6 @@ def assemble_combined_loss(recon, target, mu, logvar, config, kl_weight, stft: S
         total = total + torch.where(kl_weight > 0, kl_weight * kl_loss, 0.0)
     elif kl_weight > 0:
         total = total + kl_weight * kl_loss
-    total = torch.where(torch.isfinite(total), total, recon_loss)
-    return dict(zip(LOSS_KEYS, (total, stft_loss, mag_loss, if_loss, kl_loss, recon_loss)))
+    finite = torch.isfinite(total)
+    total = torch.where(finite, total, recon_loss)
+    return dict(zip(LOSS_KEYS, (total, stft_loss, mag_loss, if_loss, kl_loss, recon_loss))), finite

@@ -15,10 +15,13 @@ each resolution ``(n_fft, hop, win)`` (auraloss 0.4.0's definition)::
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple
 
 import torch
+
+from .config import as_sizes
 
 
 @dataclass(frozen=True)
@@ -64,30 +67,30 @@ def make_settings(
     w_lin_mag: float = 0.0,
     eps: float = 1e-8,
 ) -> MRSTFTSettings:
-    """Validated settings; windows are built like auraloss builds them (torch's default dtype)."""
-    fft_sizes, hop_sizes, win_lengths = tuple(fft_sizes), tuple(hop_sizes), tuple(win_lengths)
-    if not len(fft_sizes) == len(hop_sizes) == len(win_lengths) or not fft_sizes:
+    """Validated settings; windows are built like auraloss builds them (torch's default dtype).
+    Sizes may be any sequence of ints (numpy integers included); weights any real numbers."""
+    owner = "MultiResolutionSTFTLoss"
+    fft_sizes, hop_sizes, win_lengths = (as_sizes(owner, name, values) for name, values in (
+        ("fft_sizes", fft_sizes), ("hop_sizes", hop_sizes), ("win_lengths", win_lengths)))
+    if not len(fft_sizes) == len(hop_sizes) == len(win_lengths):
         raise ValueError(
-            "fft_sizes, hop_sizes and win_lengths must be non-empty and of the same length, got "
+            f"{owner}: fft_sizes, hop_sizes and win_lengths must have the same length, got "
             f"{len(fft_sizes)}, {len(hop_sizes)} and {len(win_lengths)}"
         )
-    for name, values in (("fft_sizes", fft_sizes), ("hop_sizes", hop_sizes),
-                         ("win_lengths", win_lengths)):
-        if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
-            raise ValueError(f"{name} must hold positive ints, got {values!r}")
     for n_fft, win in zip(fft_sizes, win_lengths):
         if win > n_fft:
-            raise ValueError(f"win_lengths: window {win} is longer than its fft_size {n_fft}")
+            raise ValueError(f"{owner}.win_lengths: window {win} is longer than its fft_size "
+                             f"{n_fft}")
     window_fn = getattr(torch, window, None) if isinstance(window, str) else None
     if window_fn is None or not window.endswith("_window"):
         raise ValueError(f"window must name a torch window function such as 'hann_window', "
                          f"got {window!r}")
     for name, value in (("w_sc", w_sc), ("w_log_mag", w_log_mag), ("w_lin_mag", w_lin_mag),
                         ("eps", eps)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
-            raise ValueError(f"{name} must be a real number, got {value!r}")
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or value != value:
+            raise ValueError(f"{owner}.{name} must be a real number, got {value!r}")
     if eps <= 0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
+        raise ValueError(f"{owner}.eps must be > 0, got {eps!r}")
     return MRSTFTSettings(
         resolutions=tuple(Resolution(*r) for r in zip(fft_sizes, hop_sizes, win_lengths)),
         windows=tuple(window_fn(w) for w in win_lengths),
@@ -165,7 +168,7 @@ def _reject_unsupported(options: dict) -> None:
             raise TypeError(f"MultiResolutionSTFTLoss got an unexpected argument {name!r}")
         if value != _UNSUPPORTED[name]:
             raise ValueError(
-                f"{name}={value!r} is not supported by distill's MultiResolutionSTFTLoss "
+                f"{name}={value!r} is not supported by distill_fused's MultiResolutionSTFTLoss "
                 f"(only {name}={_UNSUPPORTED[name]!r}); pass an auraloss "
                 "MultiResolutionSTFTLoss as _stft_loss_fn to have it called as given")
 
@@ -191,10 +194,12 @@ class MultiResolutionSTFTLoss(torch.nn.Module):
         _reject_unsupported(auraloss_options)
         self.settings = make_settings(fft_sizes, hop_sizes, win_lengths, window,
                                       w_sc, w_log_mag, w_lin_mag, eps)
-        self.fft_sizes, self.hop_sizes, self.win_lengths = (
-            list(fft_sizes), list(hop_sizes), list(win_lengths))
+        s = self.settings
+        self.fft_sizes = [r.n_fft for r in s.resolutions]
+        self.hop_sizes = [r.hop for r in s.resolutions]
+        self.win_lengths = [r.win_length for r in s.resolutions]
         self.window, self.w_sc, self.w_log_mag, self.w_lin_mag, self.eps = (
-            window, w_sc, w_log_mag, w_lin_mag, eps)
+            window, s.w_sc, s.w_log_mag, s.w_lin_mag, s.eps)
         self.backend = backend
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

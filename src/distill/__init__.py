@@ -1,2 +1,0 @@
-"""distill: the fused training loss of 2-channel spectrogram VAEs."""
-__version__ = "0.1.0"

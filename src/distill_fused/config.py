@@ -1,0 +1,172 @@
+"""Loss configuration: nested dataclasses whose attribute names existing training code reads.
+
+Every value is checked when the object is built, and converted: numpy integer and floating
+scalars become Python ``int``/``float``, sequences of sizes become tuples. A value that cannot
+work raises ``ValueError`` naming the field.
+
+``compute_combined_loss`` and ``create_stft_loss`` take this ``LossConfig`` or any object with
+the same attributes (the host application's own config classes): ``as_loss_config`` reads such
+an object into a checked ``LossConfig``, once per distinct set of values.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from dataclasses import dataclass, field
+from typing import Dict, Tuple
+
+
+def as_weight(owner: str, name: str, value) -> float:
+    """``value`` as a finite, non-negative Python float (numpy scalars included)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{owner}.{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{owner}.{name} must be finite and >= 0, got {value!r}")
+    return value
+
+
+def as_sizes(owner: str, name: str, values) -> Tuple[int, ...]:
+    """``values`` (a list, tuple or other sequence) as a non-empty tuple of positive ints."""
+    if isinstance(values, (str, bytes)):
+        raise ValueError(f"{owner}.{name} must be a sequence of positive ints, got {values!r}")
+    try:
+        items = tuple(values)
+    except TypeError:
+        raise ValueError(
+            f"{owner}.{name} must be a sequence of positive ints, got {values!r}") from None
+    if not items:
+        raise ValueError(f"{owner}.{name} must not be empty")
+    sizes = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral) or item <= 0:
+            raise ValueError(f"{owner}.{name} must hold positive ints, got {values!r}")
+        sizes.append(operator.index(item))
+    return tuple(sizes)
+
+
+@dataclass
+class STFTLossConfig:
+    """Multi-resolution STFT loss on the flattened magnitude channel."""
+
+    weight: float = 1.0
+    fft_sizes: Tuple[int, ...] = (512, 1024, 2048)
+    hop_sizes: Tuple[int, ...] = (128, 256, 512)
+    win_lengths: Tuple[int, ...] = (512, 1024, 2048)
+
+    def __post_init__(self) -> None:
+        self.weight = as_weight("STFTLossConfig", "weight", self.weight)
+        self.fft_sizes = as_sizes("STFTLossConfig", "fft_sizes", self.fft_sizes)
+        self.hop_sizes = as_sizes("STFTLossConfig", "hop_sizes", self.hop_sizes)
+        self.win_lengths = as_sizes("STFTLossConfig", "win_lengths", self.win_lengths)
+        if not len(self.fft_sizes) == len(self.hop_sizes) == len(self.win_lengths):
+            raise ValueError(
+                "STFTLossConfig.fft_sizes, hop_sizes and win_lengths must have the same length, "
+                f"got {len(self.fft_sizes)}, {len(self.hop_sizes)} and {len(self.win_lengths)}"
+            )
+        for n_fft, win in zip(self.fft_sizes, self.win_lengths):
+            if win > n_fft:
+                raise ValueError(
+                    f"STFTLossConfig.win_lengths: window {win} is longer than its fft_size {n_fft}"
+                )
+
+
+@dataclass
+class ReconLossConfig:
+    """L1 on the magnitude channel plus magnitude-weighted L1 on the IF channel."""
+
+    weight: float = 0.1
+    magnitude_weight: float = 1.0
+    if_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("weight", "magnitude_weight", "if_weight"):
+            setattr(self, name, as_weight("ReconLossConfig", name, getattr(self, name)))
+
+
+@dataclass
+class KLLossConfig:
+    """Free-bits KL with a linear warm-up of its weight."""
+
+    weight_max: float = 0.01
+    warmup_fraction: float = 0.3
+    free_bits: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("weight_max", "warmup_fraction", "free_bits"):
+            setattr(self, name, as_weight("KLLossConfig", name, getattr(self, name)))
+        if self.warmup_fraction > 1:
+            raise ValueError(
+                f"KLLossConfig.warmup_fraction must lie in [0, 1], got {self.warmup_fraction!r}"
+            )
+
+
+@dataclass
+class LossConfig:
+    """``stft``, ``reconstruction`` and ``kl``: the settings of ``compute_combined_loss``."""
+
+    stft: STFTLossConfig = field(default_factory=STFTLossConfig)
+    reconstruction: ReconLossConfig = field(default_factory=ReconLossConfig)
+    kl: KLLossConfig = field(default_factory=KLLossConfig)
+
+
+def _values(config) -> tuple:
+    """The values of every field of ``config`` (a ``LossConfig`` or an object shaped like one),
+    with each value's type beside it so that e.g. ``True`` and ``1`` stay distinct."""
+    try:
+        stft, rec, kl = config.stft, config.reconstruction, config.kl
+        scalars = (stft.weight, rec.weight, rec.magnitude_weight, rec.if_weight, kl.weight_max,
+                   kl.warmup_fraction, kl.free_bits)
+        sizes = (stft.fft_sizes, stft.hop_sizes, stft.win_lengths)
+    except AttributeError as exc:
+        raise TypeError(
+            "loss_config must be a LossConfig or an object with its fields (stft.weight, "
+            "stft.fft_sizes, stft.hop_sizes, stft.win_lengths, reconstruction.weight, "
+            "reconstruction.magnitude_weight, reconstruction.if_weight, kl.weight_max, "
+            f"kl.warmup_fraction, kl.free_bits): {exc}"
+        ) from None
+    sizes = tuple(tuple(s) if isinstance(s, (list, tuple)) else s for s in sizes)
+    return tuple((type(v), v) for v in scalars + sizes)
+
+
+def _build(config) -> LossConfig:
+    stft, rec, kl = config.stft, config.reconstruction, config.kl
+    return LossConfig(
+        stft=STFTLossConfig(weight=stft.weight, fft_sizes=stft.fft_sizes,
+                            hop_sizes=stft.hop_sizes, win_lengths=stft.win_lengths),
+        reconstruction=ReconLossConfig(weight=rec.weight, magnitude_weight=rec.magnitude_weight,
+                                       if_weight=rec.if_weight),
+        kl=KLLossConfig(weight_max=kl.weight_max, warmup_fraction=kl.warmup_fraction,
+                        free_bits=kl.free_bits),
+    )
+
+
+_RESOLVED: Dict[tuple, LossConfig] = {}
+_MAX_RESOLVED = 64  # distinct configurations kept (a run has one, or a few)
+
+
+def as_loss_config(config) -> LossConfig:
+    """A checked ``LossConfig`` with the values ``config`` holds now (``None``: the defaults).
+
+    ``config`` may be this module's ``LossConfig`` (fields changed after it was built are
+    checked here too) or any object with the same attributes. Raises ``TypeError`` for an
+    object without them and ``ValueError`` naming the field for a value that cannot work.
+    """
+    if config is None:
+        config = _DEFAULT
+    key = _values(config)
+    try:
+        resolved = _RESOLVED.get(key)
+    except TypeError:  # an unhashable value, which _build refuses with its field's name
+        return _build(config)
+    if resolved is None:
+        resolved = _build(config)
+        if len(_RESOLVED) >= _MAX_RESOLVED:
+            _RESOLVED.clear()
+        _RESOLVED[key] = resolved
+    return resolved
+
+
+_DEFAULT = LossConfig()

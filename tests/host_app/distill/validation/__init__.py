@@ -1,0 +1,1 @@
+"""Environment validation and startup checks."""
