@@ -2,8 +2,9 @@
 # The GPU evidence run, on the lent machine (device tool), from the repository root:
 #   bash bench/gpu_check.sh        (carry .whl: the auraloss wheel, which the image lacks;
 #                                   make it here with: pip download --no-deps -d .whl auraloss==0.4.0)
-# Installs distill_fused into the image's python (torch 2.11, triton 3.6 there), runs the whole test
-# suite on the GPU (CUDA tests included) and the benchmarks, and leaves logs and results in $OUT.
+# Installs distill_fused into the image's python (torch 2.11, triton 3.6 there), runs the whole
+# test suite on the GPU (CUDA tests included) and the benchmarks, and leaves logs and results in
+# $OUT.
 set -uo pipefail
 out="${OUT:-$(mktemp -d)}"
 export PYTHONUNBUFFERED=1

@@ -1,4 +1,4 @@
-"""Cases, providers and measurements of the benchmark protocol (``../shared/SPEC.md``).
+"""Cases, providers and measurements of the benchmark protocol (README, "Benchmarks").
 
 A provider turns a batch into a ``step()`` that runs one forward+backward of
 ``compute_combined_loss``. Timing: CUDA events after warm-up on a GPU, ``perf_counter`` through

@@ -38,20 +38,29 @@ def poisoned_kernel_outputs(monkeypatch):
         monkeypatch.setattr(module, "empty", poisoned)
 
 
+class Launches(list):
+    def __init__(self):
+        super().__init__()
+        self.constexprs = []
+
+
 @pytest.fixture
 def triton_launches(monkeypatch):
-    """Counts every Triton kernel launch of distill_fused.kernels."""
+    """Every Triton kernel launch of distill_fused.kernels, by name; ``launched.constexprs``:
+    the keyword (constexpr and launch) arguments of each. Empty where Triton is not usable."""
+    launched = Launches()
+    if "triton" not in FAST_BACKENDS:
+        return launched
     import distill_fused.kernels.combined as combined
     import distill_fused.kernels.kl as kl
     import distill_fused.kernels.recon as recon
     import distill_fused.kernels.stft as stft
 
-    launched = []
-
     def counting(kernel):
         def at(grid):
             def launch(*args, **kwargs):
                 launched.append(kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel))
+                launched.constexprs.append(kwargs)
                 return kernel[grid](*args, **kwargs)
             return launch
         return type("Counting", (), {"__getitem__": lambda self, grid: at(grid)})()

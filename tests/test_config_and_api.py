@@ -173,3 +173,24 @@ def test_stft_module_takes_numpy_sizes():
     assert all(type(v) is int for v in module.fft_sizes + module.hop_sizes + module.win_lengths)
     with pytest.raises(ValueError, match="hop_sizes"):
         MultiResolutionSTFTLoss(fft_sizes=[256], hop_sizes=[0], win_lengths=[256])
+
+
+def test_refusals_do_not_depend_on_what_was_seen_before(seed):
+    """A value refused once is refused every time, also after an equal value of another type
+    (512 == 512.0 == np.float64(512)) was taken; fields the loss does not read are not checked."""
+    host = _host_config_module()
+    batch = make_batch("realistic", torch.float64, seed)
+
+    def config(sizes, **kl):
+        return host.LossConfig(stft=host.STFTLossConfig(fft_sizes=sizes, hop_sizes=(64, 128),
+                                                        win_lengths=(128, 256)),
+                               kl=host.KLLossConfig(**kl))
+
+    compute_combined_loss(*batch, config((128, 256)))
+    for sizes in ((128.0, 256), (np.float64(128), 256), (True, 256)):
+        with pytest.raises(ValueError, match="fft_sizes"):
+            compute_combined_loss(*batch, config(sizes))
+    compute_combined_loss(*batch, config((np.int64(128), 256), warmup_fraction=2.0,
+                                         weight_max=-1.0))
+    with pytest.raises(ValueError, match="free_bits"):
+        compute_combined_loss(*batch, config((128, 256), free_bits=True))

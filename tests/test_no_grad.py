@@ -54,12 +54,15 @@ def test_no_gradient_work(backend, path, context, seed, triton_launches, monkeyp
     leaves = _leaves(seed)
     with_grad = call(*leaves)
 
-    del triton_launches[:]
+    del triton_launches[:], triton_launches.constexprs[:]
     with context(), AtenRecorder() as rec:
         out = call(*leaves)
     assert rec.names, "the recorder saw nothing"
     assert "_fft_c2r" not in rec.names, "an inverse FFT ran: gradient work"
+    if backend == "torch" and path != "module":
+        assert "ge" not in rec.names, "the KL's active mask was made: gradient work"
     assert not GRADIENT_KERNELS & set(triton_launches), triton_launches
+    assert not _gradient_flags(triton_launches), "a kernel was asked for a KL gradient"
     if backend == "triton":
         assert triton_launches, "no Triton kernel ran"
     for key, value in out.items():
@@ -67,15 +70,25 @@ def test_no_gradient_work(backend, path, context, seed, triton_launches, monkeyp
         assert torch.equal(value, with_grad[key].detach()), key
 
 
+def _gradient_flags(launches):
+    """The launches whose constexprs ask for the KL gradient in the forward pass."""
+    return [name for name, kwargs in zip(launches, launches.constexprs)
+            if kwargs.get("WRITE_KL_GRAD") or kwargs.get("WRITE_GRAD")]
+
+
+@pytest.mark.parametrize("path", ["fused", "modular"])
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_the_check_can_fail(backend, seed, triton_launches):
-    """With gradients on, the same recorder sees the gradient work."""
+def test_the_check_can_fail(backend, path, seed, triton_launches):
+    """With gradients on, the same recorders see the gradient work."""
     leaves = _leaves(seed)
     with AtenRecorder() as rec:
-        compute_combined_loss(*leaves, LossConfig(), 0.1, backend=backend)
-    if backend == "triton":
-        assert GRADIENT_KERNELS & set(triton_launches)
+        _calls(backend)[path](*leaves)
     assert "_fft_c2r" in rec.names
+    if backend == "torch":
+        assert "ge" in rec.names
+    else:
+        assert GRADIENT_KERNELS & set(triton_launches)
+        assert _gradient_flags(triton_launches)
 
 
 def test_all_keys_under_no_grad(seed):

@@ -50,7 +50,7 @@ def test_count(backend, seed, caplog):
     assert int(count) == 3
     assert not caplog.records
     reset_nonfinite_count("cpu")
-    assert int(nonfinite_count()) == 0
+    assert int(nonfinite_count("cpu")) == 0
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
@@ -58,7 +58,7 @@ def test_count_makes_no_host_sync(backend, seed):
     batch = _batch(seed, finite=False)
     with OpRecorder() as rec:
         _loss(batch, backend, nonfinite="count")
-        count = nonfinite_count()
+        count = nonfinite_count("cpu")
     assert rec.ops and not [op for op in rec.ops if op in SYNC_OPS]
     assert int(count) == 1
 
@@ -66,7 +66,7 @@ def test_count_makes_no_host_sync(backend, seed):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_silent_by_default(backend, seed, caplog):
     _loss(_batch(seed, finite=False), backend)
-    assert int(nonfinite_count()) == 0
+    assert int(nonfinite_count("cpu")) == 0
     assert not caplog.records
 
 
@@ -79,7 +79,7 @@ def test_warn_logs_the_seed_warning(backend, seed, caplog, monkeypatch):
         _loss(_batch(seed, finite=False), backend)
     assert [r.getMessage() for r in caplog.records] == [SEED_WARNING]
     assert caplog.records[0].name == "distill_fused"
-    assert int(nonfinite_count()) == 1
+    assert int(nonfinite_count("cpu")) == 1
 
 
 def test_precedence(seed, monkeypatch, caplog):
@@ -88,11 +88,11 @@ def test_precedence(seed, monkeypatch, caplog):
     monkeypatch.setenv(ENV_VAR, "warn")
     set_nonfinite_mode("count")
     _loss(batch, "torch")
-    assert not caplog.records and int(nonfinite_count()) == 1
+    assert not caplog.records and int(nonfinite_count("cpu")) == 1
     for t in batch:
         t.grad = None
     _loss(batch, "torch", nonfinite="silent")
-    assert int(nonfinite_count()) == 1
+    assert int(nonfinite_count("cpu")) == 1
 
 
 @pytest.mark.parametrize("where", ["call", "setter", "env"])

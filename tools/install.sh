@@ -22,9 +22,9 @@ fi
 if [ -n "${2:-}" ]; then
     pin+=(-c "$2")
 fi
-# Before 0.2 this package was installed under the application's name, "distill": an editable
-# install of that name from this checkout would shadow the application, so it is removed.
-if "$py" -m pip show distill 2>/dev/null | grep -qx "Editable project location: $here"; then
+# Before 0.2 this package was installed under the application's name, "distill": such an
+# install (told from the application's by its summary) would shadow the application, so it goes.
+if "$py" -m pip show distill 2>/dev/null | grep -q "^Summary: Fused, exact training loss"; then
     "$py" -m pip uninstall -q -y distill
 fi
 "$py" -m pip install -q --disable-pip-version-check "${pin[@]}" -e "$here[test,bench]"

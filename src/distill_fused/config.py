@@ -5,8 +5,8 @@ scalars become Python ``int``/``float``, sequences of sizes become tuples. A val
 work raises ``ValueError`` naming the field.
 
 ``compute_combined_loss`` and ``create_stft_loss`` take this ``LossConfig`` or any object with
-the same attributes (the host application's own config classes): ``as_loss_config`` reads such
-an object into a checked ``LossConfig``, once per distinct set of values.
+the same attributes (the host application's own config classes): ``as_loss_config`` reads the
+fields the loss uses into a checked ``LossConfig``, once per distinct set of values.
 """
 
 from __future__ import annotations
@@ -113,33 +113,35 @@ class LossConfig:
 
 
 def _values(config) -> tuple:
-    """The values of every field of ``config`` (a ``LossConfig`` or an object shaped like one),
-    with each value's type beside it so that e.g. ``True`` and ``1`` stay distinct."""
+    """The fields of ``config`` that the loss reads (a ``LossConfig`` or an object shaped like
+    one), each value with its type beside it, so that e.g. ``True``, ``1`` and ``1.0`` are
+    told apart (and refused, or converted, each time they are first seen)."""
     try:
-        stft, rec, kl = config.stft, config.reconstruction, config.kl
-        scalars = (stft.weight, rec.weight, rec.magnitude_weight, rec.if_weight, kl.weight_max,
-                   kl.warmup_fraction, kl.free_bits)
+        stft, rec = config.stft, config.reconstruction
+        scalars = (stft.weight, rec.weight, rec.magnitude_weight, rec.if_weight,
+                   config.kl.free_bits)
         sizes = (stft.fft_sizes, stft.hop_sizes, stft.win_lengths)
     except AttributeError as exc:
         raise TypeError(
             "loss_config must be a LossConfig or an object with its fields (stft.weight, "
             "stft.fft_sizes, stft.hop_sizes, stft.win_lengths, reconstruction.weight, "
-            "reconstruction.magnitude_weight, reconstruction.if_weight, kl.weight_max, "
-            f"kl.warmup_fraction, kl.free_bits): {exc}"
+            f"reconstruction.magnitude_weight, reconstruction.if_weight, kl.free_bits): {exc}"
         ) from None
-    sizes = tuple(tuple(s) if isinstance(s, (list, tuple)) else s for s in sizes)
-    return tuple((type(v), v) for v in scalars + sizes)
+    typed_sizes = tuple(tuple((type(x), x) for x in s) if isinstance(s, (list, tuple)) else s
+                        for s in sizes)
+    return tuple((type(v), v) for v in scalars) + typed_sizes
 
 
 def _build(config) -> LossConfig:
-    stft, rec, kl = config.stft, config.reconstruction, config.kl
+    """Our ``LossConfig`` with the fields the loss reads taken from ``config`` (``kl.weight_max``
+    and ``kl.warmup_fraction``, which only the application's warm-up reads, keep defaults)."""
+    stft, rec = config.stft, config.reconstruction
     return LossConfig(
         stft=STFTLossConfig(weight=stft.weight, fft_sizes=stft.fft_sizes,
                             hop_sizes=stft.hop_sizes, win_lengths=stft.win_lengths),
         reconstruction=ReconLossConfig(weight=rec.weight, magnitude_weight=rec.magnitude_weight,
                                        if_weight=rec.if_weight),
-        kl=KLLossConfig(weight_max=kl.weight_max, warmup_fraction=kl.warmup_fraction,
-                        free_bits=kl.free_bits),
+        kl=KLLossConfig(free_bits=config.kl.free_bits),
     )
 
 
@@ -148,7 +150,8 @@ _MAX_RESOLVED = 64  # distinct configurations kept (a run has one, or a few)
 
 
 def as_loss_config(config) -> LossConfig:
-    """A checked ``LossConfig`` with the values ``config`` holds now (``None``: the defaults).
+    """A checked ``LossConfig`` with the values ``config`` holds now in the fields the loss
+    reads (``None``: the defaults).
 
     ``config`` may be this module's ``LossConfig`` (fields changed after it was built are
     checked here too) or any object with the same attributes. Raises ``TypeError`` for an

@@ -11,7 +11,9 @@ so here it is a choice, made with ``set_nonfinite_mode(mode)``, the environment 
 ``"count"``
     Each call adds 1 where the guard fired to a counter kept on the inputs' device (one small
     extra kernel per call on a GPU, no sync). ``nonfinite_count(device)`` returns that counter
-    as a 0-dim int64 tensor; reading it (``int(...)``) is the one sync, when you choose.
+    as a 0-dim int64 tensor; reading it (``int(...)``) is the one sync, when you choose. It
+    counts calls (validation calls too), not optimizer steps. Under CUDA graph capture, make
+    the counter first (``nonfinite_count(device)`` once, before capturing).
 ``"warn"``
     Counts, and logs the seed's warning (logger ``distill_fused``) when the guard fired. This
     reads a flag back to the host after every call: a device sync per step, as the seed had.
@@ -59,10 +61,10 @@ def nonfinite_mode(override: Optional[str] = None) -> str:
     return _check_mode(env, ENV_VAR) if env else "silent"
 
 
-def nonfinite_count(device="cpu") -> torch.Tensor:
-    """How many calls on ``device`` fell back to ``recon_loss`` (counted in the ``"count"``
-    and ``"warn"`` modes): a 0-dim int64 tensor on that device, read without a sync until you
-    read its value."""
+def nonfinite_count(device) -> torch.Tensor:
+    """How many calls with inputs on ``device`` fell back to ``recon_loss`` (counted in the
+    ``"count"`` and ``"warn"`` modes): a 0-dim int64 tensor on that device, a copy taken
+    without a sync (reading its value is one)."""
     return _counter(torch.device(device)).clone()
 
 

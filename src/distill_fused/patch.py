@@ -8,7 +8,8 @@ name, and also every other name, in every loaded module of the application, that
 original function (a re-export, or a ``from ... import`` made earlier). ``unpatch_distill``
 puts every original back, including where a module imported the replacement after the patch.
 
-The replacements take the application's own config objects (``as_loss_config``).
+The replacements take the application's own config objects (``as_loss_config``). Each is a
+thin wrapper of this patch's own around this package's function of the same name.
 """
 
 from __future__ import annotations
@@ -29,14 +30,21 @@ FUNCTIONS = ("compute_combined_loss", "create_stft_loss", "vae_loss", "get_kl_we
 _active: Optional[Tuple[str, Dict[str, Callable], Dict[str, Callable]]] = None
 
 
-def _with_nonfinite_mode(mode: str) -> Callable:
-    """``compute_combined_loss`` with ``nonfinite=mode`` unless a call says otherwise."""
-
-    @functools.wraps(losses.compute_combined_loss)
-    def compute_combined_loss(*args, nonfinite: Optional[str] = mode, **kwargs):
-        return losses.compute_combined_loss(*args, nonfinite=nonfinite, **kwargs)
-
-    return compute_combined_loss
+def _replacement(name: str, nonfinite: Optional[str]) -> Callable:
+    """This package's function ``name`` in a wrapper of this patch's own, so that undoing the
+    patch finds exactly what it put in (and not a function the application imported from
+    ``distill_fused`` itself); ``compute_combined_loss`` runs with ``nonfinite`` unless a call
+    says otherwise."""
+    ours = getattr(losses, name)
+    if name == "compute_combined_loss" and nonfinite is not None:
+        @functools.wraps(ours)
+        def replacement(*args, nonfinite: Optional[str] = nonfinite, **kwargs):
+            return ours(*args, nonfinite=nonfinite, **kwargs)
+    else:
+        @functools.wraps(ours)
+        def replacement(*args, **kwargs):
+            return ours(*args, **kwargs)
+    return replacement
 
 
 def _host_modules(root: str) -> List:
@@ -56,15 +64,16 @@ def _swap(root: str, old: Dict[str, Callable], new: Dict[str, Callable]) -> None
                 setattr(module, attr, replacement)
 
 
-def patch_distill(module: str = HOST_MODULE, *, nonfinite: Optional[str] = "warn") -> None:
+def patch_distill(module: str = HOST_MODULE, *, nonfinite: Optional[str] = None) -> None:
     """Replace the loss functions of the host's ``module`` (``compute_combined_loss``,
     ``create_stft_loss``, ``vae_loss``, ``get_kl_weight``, ``compute_kl_divergence``: those
     it defines) with this package's, everywhere the application holds them.
 
-    ``nonfinite``: the mode of the patched ``compute_combined_loss`` (``distill_fused.nonfinite``).
-    The default ``"warn"`` keeps the application's warning when the total is not finite, at the
-    cost of a host read per step (which the seed's loss made too); ``"count"`` or ``"silent"``
-    drop the read, ``None`` follows ``set_nonfinite_mode``. Patching again replaces the patch.
+    ``nonfinite``: the mode of the patched ``compute_combined_loss`` (``distill_fused.nonfinite``);
+    ``None`` (the default) follows ``set_nonfinite_mode`` (``"silent"`` unless set). ``"warn"``
+    keeps the application's warning when the total is not finite, at the cost of a host read
+    per step (which the seed's loss made too); ``"count"`` counts without one. Patching again
+    replaces the patch.
     """
     global _active
     if nonfinite is not None:
@@ -80,9 +89,7 @@ def patch_distill(module: str = HOST_MODULE, *, nonfinite: Optional[str] = "warn
         raise ValueError(f"patch_distill: {module!r} defines none of {', '.join(FUNCTIONS)}")
     unpatch_distill()
     originals = {name: getattr(host, name) for name in present}
-    replacements = {name: getattr(losses, name) for name in present}
-    if "compute_combined_loss" in replacements and nonfinite is not None:
-        replacements["compute_combined_loss"] = _with_nonfinite_mode(nonfinite)
+    replacements = {name: _replacement(name, nonfinite) for name in present}
     root = module.split(".")[0]
     _swap(root, originals, replacements)
     _active = (root, originals, replacements)

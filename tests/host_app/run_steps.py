@@ -2,7 +2,8 @@
 they saw: ``python run_steps.py OUT.pt RUN [RUN ...]`` with ``RUN = ROUTE:DTYPE``.
 
 ``ROUTE`` is ``host`` (the application as it is on ``sys.path``), ``patch`` (after
-``distill_fused.patch_distill()``) or ``unpatch`` (after ``distill_fused.unpatch_distill()``);
+``distill_fused.patch_distill(nonfinite="warn")``, which keeps the application's warning) or
+``unpatch`` (after ``distill_fused.unpatch_distill()``);
 runs go in the order given, in this one process. Each run trains one epoch of four batches
 (the third has a NaN in its target's IF channel, so the loss is NaN there and the loop skips
 the step: three optimizer steps), then validates one batch under ``torch.no_grad()``.
@@ -117,7 +118,7 @@ def main(out_path, runs):
         if route == "patch":
             import distill_fused
 
-            distill_fused.patch_distill()
+            distill_fused.patch_distill(nonfinite="warn")
         elif route == "unpatch":
             import distill_fused
 
