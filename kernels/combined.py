@@ -41,7 +41,7 @@ from .recon import BLOCK as RECON_BLOCK
 from .recon import (IF_EPS, _recon_partials_kernel, load_channels, recon_grads,
                     recon_terms_from_partials)
 from .stft import (BLOCK, frame_signals, launch_spectral_partials, make_plan,
-                   mrstft_from_partials, signal_gradient, spectra_of)
+                   mrstft_from_partials, signal_gradient, spectra_of, stft_dtype)
 
 OUTPUTS = ("total_loss", "stft_loss", "mag_recon_loss", "if_recon_loss", "kl_loss",
            "recon_loss")
@@ -274,7 +274,7 @@ class _CombinedLoss(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         dtype = accumulator_dtype(recon, target, mu, logvar)
         b, _, h, w = recon.shape
-        plan = make_plan(settings, b, h * w, recon.device, dtype)
+        plan = make_plan(settings, b, h * w, recon.device, stft_dtype(dtype))
         x, y = recon[:, 0], target[:, 0]
         frames = frame_signals(x, y, _spectrogram_layout(x), _spectrogram_layout(y), plan)
         spec = spectra_of(frames, plan)
