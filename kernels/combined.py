@@ -61,11 +61,11 @@ def _combined_epilogue_kernel(
     KL_INDEX: tl.constexpr, N_RES: tl.constexpr,
 ):
     """One program: every output of spec steps 1-7, the per-resolution gradient scalars, the
-    KL gradients, and ``aux = (F, [MRSTFT >= 0], A, M)`` for backward."""
+    KL gradients, and ``aux = (F, [MRSTFT >= 0], if_hi, if_lo, M)`` for backward."""
     mrstft = mrstft_from_partials(stft_partials_ptr, meta_ptr, scalars_ptr, max_tiles, signals,
                                   params_ptr, USE_SC, USE_LOG, USE_LIN, ACC, BLOCK, N_RES)
     stft = tl.where(mrstft < 0, 0.0, mrstft)  # torch.clamp(min=0): NaN stays NaN
-    mag, if_loss, mean_abs_if, mean_tm = recon_terms_from_partials(
+    mag, if_loss, if_hi, if_lo, mean_tm = recon_terms_from_partials(
         recon_partials_ptr, n_recon_programs, n_elements, if_eps_hi, if_eps_lo, ACC, BLOCK)
     recon = joined(w_rec_hi, w_rec_lo, ACC) * (joined(w_mag_hi, w_mag_lo, ACC) * mag
                                                + joined(w_if_hi, w_if_lo, ACC) * if_loss)
@@ -84,8 +84,9 @@ def _combined_epilogue_kernel(
     tl.store(recon_ptr, recon)
     tl.store(aux_ptr, finite.to(ACC))
     tl.store(aux_ptr + 1, (mrstft >= 0).to(ACC))
-    tl.store(aux_ptr + 2, mean_abs_if)
-    tl.store(aux_ptr + 3, mean_tm)
+    tl.store(aux_ptr + 2, if_hi)
+    tl.store(aux_ptr + 3, if_lo)
+    tl.store(aux_ptr + 4, mean_tm)
 
 
 @triton.jit
@@ -139,7 +140,8 @@ def _combined_backward_kernel(
                                        r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw, ACC)
         grad_rm, grad_ri, grad_tm = recon_grads(rm, ri, tm, ti, c_mag, c_if,
                                                 tl.load(aux_ptr + 2).to(ACC),
-                                                tl.load(aux_ptr + 3).to(ACC), n_elements,
+                                                tl.load(aux_ptr + 3).to(ACC),
+                                                tl.load(aux_ptr + 4).to(ACC), n_elements,
                                                 joined(if_eps_hi, if_eps_lo, ACC), ACC)
         out = index + (index // hw) * hw  # contiguous [B, 2, H, W]
         if GRAD_RECON:
@@ -183,7 +185,7 @@ def _epilogue_outputs(recon, target, mu, logvar, n_res, write_kl_grad):
     dev = recon.device
     kl_shape = mu.shape if write_kl_grad else (0,)
     return ([empty((), acc, dev) for _ in OUTPUTS]
-            + [empty((n_res, 4), acc, dev), empty((4,), acc, dev),
+            + [empty((n_res, 4), acc, dev), empty((5,), acc, dev),
                empty(kl_shape, acc, dev), empty(kl_shape, acc, dev)])
 
 
@@ -193,7 +195,7 @@ def combined_reduce_op(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tens
                        params: torch.Tensor, signals: int, n_res: int, max_tiles: int,
                        use_terms: List[bool], weights: List[float], free_bits: float,
                        has_kl: bool, write_kl_grad: bool) -> List[torch.Tensor]:
-    """The six losses, then ``scalars [R, 4]``, ``aux [4]``, ``dkl/dmu``, ``dkl/dlogvar``:
+    """The six losses, then ``scalars [R, 4]``, ``aux [5]``, ``dkl/dmu``, ``dkl/dlogvar``:
     reconstruction partials, STFT partials, and the epilogue (three launches)."""
     acc = accumulator_dtype(recon, target, mu, logvar)
     b, _, h, w = recon.shape

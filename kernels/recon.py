@@ -6,12 +6,19 @@ With ``rm, ri = recon[:, 0], recon[:, 1]``, ``tm, ti = target[:, 0], target[:, 1
     mag = S_mag / N,                S_mag = sum |rm - tm|
     if  = (S_if / N) / (S_tm / N + 1e-8),   S_if = sum |ri - ti| * tm,   S_tm = sum tm
 
-Derivatives, with ``A = S_if / N``, ``M = S_tm / N``, ``e = 1e-8``, ``g_mag``/``g_if`` the
-incoming gradients and ``sign(0) = 0`` (``torch.abs``'s rule at ties)::
+Derivatives, with ``M = S_tm / N``, ``e = 1e-8``, ``g_mag``/``g_if`` the incoming gradients
+and ``sign(0) = 0`` (``torch.abs``'s rule at ties)::
 
-    d/drm = g_mag sign(rm - tm) / N                 d/dtm = -d/drm + g_if (|ri - ti| / (M + e)
-    d/dri = g_if sign(ri - ti) tm / (N (M + e))                      - A / (M + e)^2) / N
+    d/drm = g_mag sign(rm - tm) / N                 d/dtm = -d/drm + g_if (|ri - ti| - if)
+    d/dri = g_if sign(ri - ti) tm / (N (M + e))                      / (N (M + e))
                                                     d/dti = -d/dri
+
+``|ri - ti| - if`` cancels where the two are close (with N = 1 it is ``|ri - ti| e / (M + e)``):
+there a float32 computation keeps few correct digits, and two float32 computations (this one,
+the oracle's) disagree at random. So the IF products are summed exactly (fp32 products are
+exact in fp64), ``if`` is carried to about fp64 accuracy as ``if_hi + if_lo`` (``if_hi`` in
+the accumulator dtype, ``if_lo`` the residual, found with fp64 multiplies, no fp64 division),
+and the difference is taken in fp64.
 
 Forward: ``_recon_partials_kernel`` (one tile per program, three partial sums each, in fp64:
 the IF sums run over a signed ``tm`` and can cancel) and ``_recon_finalize_kernel`` (one program
@@ -81,7 +88,7 @@ def _recon_partials_kernel(
     # One slot per program: the three stores are in range by construction (grid == n_programs).
     tl.store(partials_ptr + pid, tl.sum(tl.abs(rm - tm).to(tl.float64), axis=0))
     tl.store(partials_ptr + n_programs + pid,
-             tl.sum((tl.abs(ri - ti) * tm).to(tl.float64), axis=0))
+             tl.sum(tl.abs(ri.to(tl.float64) - ti.to(tl.float64)) * tm.to(tl.float64), axis=0))
     tl.store(partials_ptr + 2 * n_programs + pid, tl.sum(tm.to(tl.float64), axis=0))
 
 
@@ -89,7 +96,7 @@ def _recon_partials_kernel(
 def recon_terms_from_partials(partials_ptr, n_programs, n_elements, if_eps_hi, if_eps_lo,
                               ACC: tl.constexpr, BLOCK: tl.constexpr):
     """(Inside a single program.) Fixed-order fp64 sums of the partials, then
-    ``(mag, if, A, M)`` in the accumulator dtype ``ACC``."""
+    ``(mag, if, if_hi, if_lo, M)`` in the accumulator dtype ``ACC``."""
     s_mag = tl.zeros([BLOCK], dtype=tl.float64)
     s_if = tl.zeros([BLOCK], dtype=tl.float64)
     s_tm = tl.zeros([BLOCK], dtype=tl.float64)
@@ -101,13 +108,17 @@ def recon_terms_from_partials(partials_ptr, n_programs, n_elements, if_eps_hi, i
         s_if += tl.load(partials_ptr + n_programs + idx, mask=mask, other=0.0)
         s_tm += tl.load(partials_ptr + 2 * n_programs + idx, mask=mask, other=0.0)
         start += BLOCK
-    # The sums are exact enough in fp64; the means and the quotient need no more than ACC
-    # (and an fp32 program then calls no fp64 division routine).
+    # The sums are exact enough in fp64. if = S_if / D with D = S_tm + N e = N (M + e): its
+    # quotient in ACC, then the residual S_if - if_hi D in fp64 (no fp64 division routine in
+    # an fp32 program) for if_lo.
     inv_n = reciprocal(n_elements, ACC)
-    mean_abs_if = tl.sum(s_if, axis=0).to(ACC) * inv_n
-    mean_tm = tl.sum(s_tm, axis=0).to(ACC) * inv_n
-    if_loss = mean_abs_if / (mean_tm + joined(if_eps_hi, if_eps_lo, ACC))
-    return tl.sum(s_mag, axis=0).to(ACC) * inv_n, if_loss, mean_abs_if, mean_tm
+    total_if = tl.sum(s_if, axis=0)
+    total_tm = tl.sum(s_tm, axis=0)
+    denom = total_tm + tl.cast(n_elements, tl.float64) * joined(if_eps_hi, if_eps_lo, tl.float64)
+    if_hi = total_if.to(ACC) / denom.to(ACC)
+    if_lo = (total_if - if_hi.to(tl.float64) * denom).to(ACC) / denom.to(ACC)
+    mag = tl.sum(s_mag, axis=0).to(ACC) * inv_n
+    return mag, if_hi + if_lo, if_hi, if_lo, total_tm.to(ACC) * inv_n
 
 
 @triton.jit
@@ -116,17 +127,18 @@ def _recon_finalize_kernel(
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One program: fixed-order sums of the partials, then ``mag``, ``if`` and the statistics
-    ``(A, M)`` the backward pass needs."""
-    mag, if_loss, mean_abs_if, mean_tm = recon_terms_from_partials(
+    ``(if_hi, if_lo, M)`` the backward pass needs."""
+    mag, if_loss, if_hi, if_lo, mean_tm = recon_terms_from_partials(
         partials_ptr, n_programs, n_elements, if_eps_hi, if_eps_lo, ACC, BLOCK)
     tl.store(mag_ptr, mag)
     tl.store(if_ptr, if_loss)
-    tl.store(stats_ptr, mean_abs_if)
-    tl.store(stats_ptr + 1, mean_tm)
+    tl.store(stats_ptr, if_hi)
+    tl.store(stats_ptr + 1, if_lo)
+    tl.store(stats_ptr + 2, mean_tm)
 
 
 @triton.jit
-def recon_grads(rm, ri, tm, ti, g_mag, g_if, mean_abs_if, mean_tm, n_elements, if_eps,
+def recon_grads(rm, ri, tm, ti, g_mag, g_if, if_hi, if_lo, mean_tm, n_elements, if_eps,
                 ACC: tl.constexpr):
     """``(d/drm, d/dri, d/dtm)`` for incoming gradients ``g_mag``, ``g_if`` (d/dti = -d/dri)."""
     inv_n = reciprocal(n_elements, ACC)
@@ -135,8 +147,9 @@ def recon_grads(rm, ri, tm, ti, g_mag, g_if, mean_abs_if, mean_tm, n_elements, i
     d_if = ri - ti
     grad_rm = c_mag * signum(rm - tm)
     grad_ri = c_if * signum(d_if) * tm
-    c_tm = g_if * inv_n * mean_abs_if / ((mean_tm + if_eps) * (mean_tm + if_eps))
-    grad_tm = -grad_rm + c_if * tl.abs(d_if) - c_tm
+    gap = (tl.abs(ri.to(tl.float64) - ti.to(tl.float64)) - if_hi.to(tl.float64)
+           - if_lo.to(tl.float64))
+    grad_tm = -grad_rm + c_if * gap.to(ACC)
     return grad_rm, grad_ri, grad_tm
 
 
@@ -157,8 +170,8 @@ def _recon_backward_kernel(
 
     grad_rm, grad_ri, grad_tm = recon_grads(
         rm, ri, tm, ti, tl.load(g_mag_ptr).to(ACC), tl.load(g_if_ptr).to(ACC),
-        tl.load(stats_ptr).to(ACC), tl.load(stats_ptr + 1).to(ACC), n_elements,
-        joined(if_eps_hi, if_eps_lo, ACC), ACC)
+        tl.load(stats_ptr).to(ACC), tl.load(stats_ptr + 1).to(ACC),
+        tl.load(stats_ptr + 2).to(ACC), n_elements, joined(if_eps_hi, if_eps_lo, ACC), ACC)
     b = index // hw
     out = index + b * hw  # contiguous [B, 2, H, W]: channel 0 at b*2hw + rest
     dtype = grad_recon_ptr.dtype.element_ty
@@ -177,7 +190,7 @@ def _geometry(recon: torch.Tensor):
 def _forward_outputs(recon: torch.Tensor, target: torch.Tensor):
     acc = accumulator_dtype(recon, target)
     return (empty((), acc, recon.device), empty((), acc, recon.device),
-            empty((2,), acc, recon.device))
+            empty((3,), acc, recon.device))
 
 
 def _backward_outputs(recon: torch.Tensor, target: torch.Tensor, target_grad: bool):
@@ -189,7 +202,8 @@ def _backward_outputs(recon: torch.Tensor, target: torch.Tensor, target_grad: bo
 @kernel_op("distill_fused::recon_terms", mutates_args=())
 def recon_terms_op(recon: torch.Tensor, target: torch.Tensor
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(mag, if, stats)``: the two loss terms (0-dim) and ``stats = (A, M)`` for backward."""
+    """``(mag, if, stats)``: the two loss terms (0-dim) and ``stats = (if_hi, if_lo, M)`` for
+    backward."""
     acc = accumulator_dtype(recon, target)
     n, hw, width = _geometry(recon)
     n_programs = triton.cdiv(n, BLOCK)
