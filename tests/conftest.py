@@ -72,9 +72,12 @@ def triton_launches(monkeypatch):
 
 @pytest.fixture
 def seed(request):
-    """A fresh seed per test, printed so that a failure can be replayed."""
-    value = int.from_bytes(os.urandom(6), "little")
-    print(f"seed for {request.node.name}: {value}")
+    """A fresh seed per test, printed so that a failure can be replayed: the environment
+    variable ``DISTILL_TEST_SEED`` sets it instead."""
+    forced = os.environ.get("DISTILL_TEST_SEED")
+    value = int(forced) if forced else int.from_bytes(os.urandom(6), "little")
+    print(f"seed for {request.node.name}: {value} (replay: DISTILL_TEST_SEED={value} "
+          f"pytest '{request.node.nodeid}')")
     return value
 
 
