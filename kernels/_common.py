@@ -1,5 +1,6 @@
 """What every kernel module shares: op registration, output allocation (which the tests
-poison), accumulator dtypes and the NaN-preserving sign.
+poison), accumulator dtypes, torch's sign, and the
+scaling of a term's gradient by its incoming gradient.
 
 Loops whose bound is a runtime argument are written ``while i < n: ... i += step``, not
 ``for i in range(0, n, step)``: Triton 3.6's interpreter turns such a bound into a Python int
@@ -121,7 +122,15 @@ def reciprocal(count, ACC: tl.constexpr):
 
 
 @triton.jit
+def scaled_by(incoming, grad):
+    """``incoming * grad``, and exactly 0 where ``incoming == 0``: a term whose output no
+    gradient reaches sends nothing to the inputs, even where its own gradient is NaN or inf
+    (``0 * nan`` must not reach an input)."""
+    return tl.where(incoming != 0, incoming * grad, 0.0)
+
+
+@triton.jit
 def signum(x):
-    """``torch.sign``: -1, 0 or 1, and NaN for NaN (so a NaN input gives a NaN gradient, as the
-    gradient of ``torch.abs`` does). Ties (x == 0) give 0."""
-    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x))
+    """``torch.sign``: -1, 0 or 1, with 0 for ties and for NaN, as torch has it on every device
+    (so the gradient of ``|x|`` at a NaN ``x`` is 0, as ``torch.abs``'s backward gives)."""
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))

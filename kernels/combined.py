@@ -34,8 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..gradients import first_order_only
+from ..tracing import tracing
 from ._common import (ONE_PROGRAM, accumulator_dtype, empty, f64_parts, index_dtype, joined,
-                      kernel_op, tl_dtype, wrap_triton)
+                      kernel_op, scaled_by, tl_dtype, wrap_triton)
 from .kl import free_bits_kl_loop
 from .recon import BLOCK as RECON_BLOCK
 from .recon import (IF_EPS, _recon_partials_kernel, load_channels, recon_grads,
@@ -55,9 +57,9 @@ def _combined_epilogue_kernel(
     mu_sb, mu_sd, lv_sb, lv_sd,
     total_ptr, stft_ptr, mag_ptr, if_ptr, kl_ptr, recon_ptr, aux_ptr,
     if_eps_hi, if_eps_lo, fb_hi, fb_lo, w_stft_hi, w_stft_lo, w_rec_hi, w_rec_lo,
-    w_mag_hi, w_mag_lo, w_if_hi, w_if_lo, kw_hi, kw_lo,
+    w_mag_hi, w_mag_lo, w_if_hi, w_if_lo, kw_ptr,
     USE_SC: tl.constexpr, USE_LOG: tl.constexpr, USE_LIN: tl.constexpr,
-    HAS_KL: tl.constexpr, WRITE_KL_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    WRITE_KL_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
     KL_INDEX: tl.constexpr, N_RES: tl.constexpr,
 ):
     """One program: every output of spec steps 1-7, the per-resolution gradient scalars, the
@@ -73,8 +75,8 @@ def _combined_epilogue_kernel(
                            latent_dim, mu_sb, mu_sd, lv_sb, lv_sd, fb_hi, fb_lo, WRITE_KL_GRAD,
                            ACC, BLOCK, KL_INDEX)
     total = joined(w_stft_hi, w_stft_lo, ACC) * stft + recon
-    if HAS_KL:
-        total += joined(kw_hi, kw_lo, ACC) * kl
+    kw = tl.load(kw_ptr).to(ACC)
+    total += tl.where(kw > 0, kw * kl, 0.0)  # the KL term is left out for kl_weight <= 0
     finite = (total == total) & (tl.abs(total) != float("inf"))
     tl.store(total_ptr, tl.where(finite, total, recon))
     tl.store(stft_ptr, stft)
@@ -98,12 +100,6 @@ def _incoming(ptr, HAS: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _strong_scale(c, g):
-    """``c * g``, and exactly 0 where ``c == 0``."""
-    return tl.where(c != 0, c * g, 0.0)
-
-
-@triton.jit
 def _combined_backward_kernel(
     recon_ptr, target_ptr, unit_ptr, aux_ptr, kl_grad_mu_ptr, kl_grad_lv_ptr,
     g_total_ptr, g_stft_ptr, g_mag_ptr, g_if_ptr, g_kl_ptr, g_recon_ptr,
@@ -111,29 +107,28 @@ def _combined_backward_kernel(
     n_elements, hw, width, r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw,
     unit_y_row0, kl_numel, n_recon_programs,
     if_eps_hi, if_eps_lo, w_stft_hi, w_stft_lo, w_rec_hi, w_rec_lo, w_mag_hi, w_mag_lo,
-    w_if_hi, w_if_lo, kw_hi, kw_lo,
+    w_if_hi, w_if_lo, kw_ptr,
     HAS_G_TOTAL: tl.constexpr, HAS_G_STFT: tl.constexpr, HAS_G_MAG: tl.constexpr,
     HAS_G_IF: tl.constexpr, HAS_G_KL: tl.constexpr, HAS_G_RECON: tl.constexpr,
     GRAD_RECON: tl.constexpr, GRAD_TARGET: tl.constexpr, HAS_UNIT: tl.constexpr,
-    HAS_KL: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Programs ``[0, n_recon_programs)``: ``recon`` (and ``target``) gradients, the STFT term's
     through the saved signal gradient ``unit``; the rest: ``mu``/``logvar`` gradients."""
     g_total = _incoming(g_total_ptr, HAS_G_TOTAL, ACC)
     finite = tl.load(aux_ptr).to(ACC)
-    c_recon = _incoming(g_recon_ptr, HAS_G_RECON, ACC) + g_total
-    w_rec = joined(w_rec_hi, w_rec_lo, ACC)
-    c_mag = _incoming(g_mag_ptr, HAS_G_MAG, ACC) + w_rec * joined(w_mag_hi, w_mag_lo, ACC) * c_recon
-    c_if = _incoming(g_if_ptr, HAS_G_IF, ACC) + w_rec * joined(w_if_hi, w_if_lo, ACC) * c_recon
-    from_total = tl.where(finite != 0, joined(w_stft_hi, w_stft_lo, ACC) * g_total, 0.0)
-    c_stft = tl.where(tl.load(aux_ptr + 1) != 0,
-                      _incoming(g_stft_ptr, HAS_G_STFT, ACC) + from_total, 0.0)
-    c_kl = _incoming(g_kl_ptr, HAS_G_KL, ACC)
-    if HAS_KL:
-        c_kl += tl.where(finite != 0, joined(kw_hi, kw_lo, ACC) * g_total, 0.0)
-
     pid = tl.program_id(0)
     if pid < n_recon_programs:
+        c_recon = _incoming(g_recon_ptr, HAS_G_RECON, ACC) + g_total
+        w_rec = joined(w_rec_hi, w_rec_lo, ACC)
+        c_mag = (_incoming(g_mag_ptr, HAS_G_MAG, ACC)
+                 + w_rec * joined(w_mag_hi, w_mag_lo, ACC) * c_recon)
+        c_if = _incoming(g_if_ptr, HAS_G_IF, ACC) + w_rec * joined(w_if_hi, w_if_lo, ACC) * c_recon
+        from_total = tl.where(finite != 0, joined(w_stft_hi, w_stft_lo, ACC) * g_total, 0.0)
+        reaches_stft = _incoming(g_stft_ptr, HAS_G_STFT, ACC) + from_total
+        # Through torch.clamp(min=0): 0 where MRSTFT < 0 or is NaN, yet multiplied in (0 * nan
+        # is nan, as in the oracle) wherever a gradient reaches the STFT term at all.
+        c_stft = tl.where(tl.load(aux_ptr + 1) != 0, reaches_stft, 0.0)
         index = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = index < n_elements
         rm, ri, tm, ti = load_channels(recon_ptr, target_ptr, index, mask, hw, width,
@@ -147,7 +142,7 @@ def _combined_backward_kernel(
         if GRAD_RECON:
             if HAS_UNIT:
                 unit_x = tl.load(unit_ptr + index, mask=mask, other=0.0).to(ACC)
-                grad_rm += _strong_scale(c_stft, unit_x)
+                grad_rm += tl.where(reaches_stft != 0, c_stft * unit_x, 0.0)
             dtype = grad_recon_ptr.dtype.element_ty
             tl.store(grad_recon_ptr + out, grad_rm.to(dtype), mask=mask)
             tl.store(grad_recon_ptr + out + hw, grad_ri.to(dtype), mask=mask)
@@ -155,25 +150,28 @@ def _combined_backward_kernel(
             if HAS_UNIT:
                 unit_y = tl.load(unit_ptr + unit_y_row0 * hw + index, mask=mask,
                                  other=0.0).to(ACC)
-                grad_tm += _strong_scale(c_stft, unit_y)
+                grad_tm += tl.where(reaches_stft != 0, c_stft * unit_y, 0.0)
             dtype = grad_target_ptr.dtype.element_ty
             tl.store(grad_target_ptr + out, grad_tm.to(dtype), mask=mask)
             tl.store(grad_target_ptr + out + hw, (-grad_ri).to(dtype), mask=mask)
     else:
+        kw = tl.load(kw_ptr).to(ACC)
+        c_kl = (_incoming(g_kl_ptr, HAS_G_KL, ACC)
+                + tl.where((finite != 0) & (kw > 0), kw * g_total, 0.0))
         index = (pid - n_recon_programs).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = index < kl_numel
         g_mu = tl.load(kl_grad_mu_ptr + index, mask=mask, other=0.0).to(ACC)
         g_lv = tl.load(kl_grad_lv_ptr + index, mask=mask, other=0.0).to(ACC)
-        tl.store(grad_mu_ptr + index, _strong_scale(c_kl, g_mu).to(
+        tl.store(grad_mu_ptr + index, scaled_by(c_kl, g_mu).to(
             grad_mu_ptr.dtype.element_ty), mask=mask)
-        tl.store(grad_logvar_ptr + index, _strong_scale(c_kl, g_lv).to(
+        tl.store(grad_logvar_ptr + index, scaled_by(c_kl, g_lv).to(
             grad_logvar_ptr.dtype.element_ty), mask=mask)
 
 
-def _weights(loss_config, kl_weight: float) -> List[float]:
+def _weights(loss_config) -> List[float]:
     rc = loss_config.reconstruction
     return [float(v) for v in (loss_config.stft.weight, rc.weight, rc.magnitude_weight,
-                               rc.if_weight, kl_weight)]
+                               rc.if_weight)]
 
 
 def _parts(values) -> List[float]:
@@ -194,7 +192,7 @@ def combined_reduce_op(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tens
                        logvar: torch.Tensor, spec: torch.Tensor, meta: torch.Tensor,
                        params: torch.Tensor, signals: int, n_res: int, max_tiles: int,
                        use_terms: List[bool], weights: List[float], free_bits: float,
-                       has_kl: bool, write_kl_grad: bool) -> List[torch.Tensor]:
+                       kl_weight: torch.Tensor, write_kl_grad: bool) -> List[torch.Tensor]:
     """The six losses, then ``scalars [R, 4]``, ``aux [5]``, ``dkl/dmu``, ``dkl/dlogvar``:
     reconstruction partials, STFT partials, and the epilogue (three launches)."""
     acc = accumulator_dtype(recon, target, mu, logvar)
@@ -213,8 +211,8 @@ def combined_reduce_op(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tens
         recon_partials, n_recon_programs, n,
         mu, logvar, grad_mu, grad_logvar, mu.numel(), mu.shape[1], *mu.stride(),
         *logvar.stride(), *outs[:6], aux,
-        *f64_parts(IF_EPS), *f64_parts(free_bits), *_parts(weights),
-        USE_SC=use_terms[0], USE_LOG=use_terms[1], USE_LIN=use_terms[2], HAS_KL=has_kl,
+        *f64_parts(IF_EPS), *f64_parts(free_bits), *_parts(weights), kl_weight,
+        USE_SC=use_terms[0], USE_LOG=use_terms[1], USE_LIN=use_terms[2],
         WRITE_KL_GRAD=write_kl_grad, ACC=tl_dtype(acc), BLOCK=BLOCK,
         KL_INDEX=index_dtype(BLOCK, mu, logvar), N_RES=n_res, **ONE_PROGRAM)
     return outs
@@ -233,7 +231,7 @@ def combined_backward_op(recon: torch.Tensor, target: torch.Tensor, mu: torch.Te
                          logvar_dtype: torch.dtype, unit: Optional[torch.Tensor],
                          aux: torch.Tensor, kl_grad_mu: torch.Tensor,
                          kl_grad_logvar: torch.Tensor, grads: List[Optional[torch.Tensor]],
-                         weights: List[float], has_kl: bool, grad_recon: bool,
+                         weights: List[float], kl_weight: torch.Tensor, grad_recon: bool,
                          grad_target: bool, grad_latent: bool) -> List[torch.Tensor]:
     """Gradients for ``recon``, ``target``, ``mu``, ``logvar`` (empty where not wanted), in one
     launch."""
@@ -249,16 +247,18 @@ def combined_backward_op(recon: torch.Tensor, target: torch.Tensor, mu: torch.Te
     grid = (n_recon_programs + triton.cdiv(kl_numel, BLOCK),)
     if grid[0] == 0:
         return outs
+    # 8 warps (4 elements a thread): at 4, ptxas holds the bf16 specialization for sm_80 to
+    # 72 registers and spills.
     wrap_triton(_combined_backward_kernel)[grid](
         recon, target, unit if unit is not None else aux, aux, kl_grad_mu, kl_grad_logvar,
         *[g if g is not None else dummy for g in grads], *outs,
         n, h * w, w, *recon.stride(), *target.stride(), b if grad_recon else 0, kl_numel,
-        n_recon_programs, *f64_parts(IF_EPS), *_parts(weights),
+        n_recon_programs, *f64_parts(IF_EPS), *_parts(weights), kl_weight,
         HAS_G_TOTAL=grads[0] is not None, HAS_G_STFT=grads[1] is not None,
         HAS_G_MAG=grads[2] is not None, HAS_G_IF=grads[3] is not None,
         HAS_G_KL=grads[4] is not None, HAS_G_RECON=grads[5] is not None,
         GRAD_RECON=grad_recon, GRAD_TARGET=grad_target, HAS_UNIT=unit is not None,
-        HAS_KL=has_kl, ACC=tl_dtype(acc), BLOCK=BLOCK)
+        ACC=tl_dtype(acc), BLOCK=BLOCK, num_warps=8)
     return outs
 
 
@@ -269,42 +269,49 @@ class _CombinedLoss(torch.autograd.Function):
     materialised (no zero-filling launches)."""
 
     @staticmethod
-    def forward(ctx, recon, target, mu, logvar, settings, loss_config, kl_weight, grad_enabled):
-        grad_recon, grad_target, grad_mu, grad_logvar = (
-            grad_enabled and needed for needed in ctx.needs_input_grad[:4])
-        grad_latent = grad_mu or grad_logvar
-        ctx.set_materialize_grads(False)
+    def forward(recon, target, mu, logvar, kl_weight, settings, loss_config, needs_grad):
+        grad_recon, grad_target, grad_mu, grad_logvar = needs_grad
         dtype = accumulator_dtype(recon, target, mu, logvar)
         b, _, h, w = recon.shape
         plan = make_plan(settings, b, h * w, recon.device, stft_dtype(dtype))
         x, y = recon[:, 0], target[:, 0]
         frames = frame_signals(x, y, _spectrogram_layout(x), _spectrogram_layout(y), plan)
         spec = spectra_of(frames, plan)
-        weights = _weights(loss_config, kl_weight)
         outs = combined_reduce_op(recon, target, mu, logvar, spec, plan.meta, plan.params, b,
                                   plan.n_res, plan.max_spec_tiles, list(plan.use_terms),
-                                  weights, float(loss_config.kl.free_bits), kl_weight > 0,
-                                  grad_latent)
+                                  _weights(loss_config), float(loss_config.kl.free_bits),
+                                  kl_weight, grad_mu or grad_logvar)
         scalars, aux, kl_grad_mu, kl_grad_logvar = outs[6:]
         unit = None
         if grad_recon or grad_target:
             unit = signal_gradient(spec, frames, scalars, plan, grad_recon, grad_target)
-        ctx.save_for_backward(recon, target, mu, unit, aux, kl_grad_mu, kl_grad_logvar)
-        ctx.config = (weights, kl_weight > 0, logvar.dtype, grad_recon, grad_target,
-                      grad_latent)
-        ctx.mark_non_differentiable(aux)
-        return (*outs[:6], aux)
+        return (*outs[:6], aux, kl_grad_mu, kl_grad_logvar, unit)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        recon, target, mu, logvar, kl_weight, _, loss_config, needs_grad = inputs
+        aux, kl_grad_mu, kl_grad_logvar, unit = output[6:]
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*(t for t in output[6:] if t is not None))
+        ctx.save_for_backward(recon, target, mu, logvar, kl_weight, unit, aux, kl_grad_mu,
+                              kl_grad_logvar)
+        ctx.config = (_weights(loss_config), logvar.dtype, needs_grad)
 
     @staticmethod
     def backward(ctx, *grads):
-        recon, target, mu, unit, aux, kl_grad_mu, kl_grad_logvar = ctx.saved_tensors
-        weights, has_kl, logvar_dtype, grad_recon, grad_target, grad_latent = ctx.config
-        g_recon, g_target, g_mu, g_logvar = combined_backward_op(
-            recon, target, mu, logvar_dtype, unit, aux, kl_grad_mu, kl_grad_logvar,
-            list(grads[:6]), weights, has_kl, grad_recon, grad_target, grad_latent)
-        return (g_recon if grad_recon else None, g_target if grad_target else None,
-                g_mu if ctx.needs_input_grad[2] else None,
-                g_logvar if ctx.needs_input_grad[3] else None, None, None, None, None)
+        (recon, target, mu, logvar, kl_weight, unit, aux, kl_grad_mu,
+         kl_grad_logvar) = ctx.saved_tensors
+        weights, logvar_dtype, (grad_recon, grad_target, grad_mu, grad_logvar) = ctx.config
+        with torch.no_grad():  # the op has no autograd formula: see first_order_only
+            g_recon, g_target, g_mu, g_logvar = combined_backward_op(
+                recon, target, mu, logvar_dtype, unit, aux, kl_grad_mu, kl_grad_logvar,
+                list(grads[:6]), weights, kl_weight, grad_recon, grad_target,
+                grad_mu or grad_logvar)
+        input_grads = first_order_only("triton", (
+            g_recon if grad_recon else None, g_target if grad_target else None,
+            g_mu if grad_mu else None, g_logvar if grad_logvar else None),
+            (recon, target, mu, logvar))
+        return (*input_grads, None, None, None, None)
 
 
 def _spectrogram_layout(t: torch.Tensor):
@@ -312,10 +319,38 @@ def _spectrogram_layout(t: torch.Tensor):
     return 1, t.shape[2], (t.stride(0), 0, t.stride(1), t.stride(2))
 
 
-def combined_loss(recon, target, mu, logvar, settings, loss_config, kl_weight: float):
-    """The six losses of ``compute_combined_loss`` (inputs already validated) by name, and the
-    guard's decision ``F`` (0-dim, 1 where the total was finite). Under ``torch.no_grad()``
-    no gradient is computed."""
-    *losses, aux = _CombinedLoss.apply(recon, target, mu, logvar, settings, loss_config,
-                                       float(kl_weight), torch.is_grad_enabled())
+def device_kl_weight(kl_weight, device) -> torch.Tensor:
+    """``kl_weight`` (a Python float or a one-element tensor) as a 0-dim float64 tensor on
+    ``device``, which the kernels read: a value that changes every step (a warm-up schedule)
+    is then data, not a compile-time constant, and a compiled step is not recompiled for it.
+    Python floats are kept per value (a schedule has few), so an eager step makes no copy."""
+    if isinstance(kl_weight, torch.Tensor):
+        return kl_weight.detach().to(device=device, dtype=torch.float64).reshape(())
+    if tracing():
+        # An addition, not torch.full: torch.compile passes a float as a graph input, which
+        # arithmetic keeps symbolic (torch.full would specialize the graph on its value).
+        return torch.zeros((), dtype=torch.float64, device=device) + kl_weight
+    key = (kl_weight, device)
+    value = _KL_WEIGHTS.get(key)
+    if value is None:
+        if len(_KL_WEIGHTS) >= 64:
+            _KL_WEIGHTS.clear()
+        value = _KL_WEIGHTS[key] = torch.full((), kl_weight, dtype=torch.float64,
+                                              device=device)
+    return value
+
+
+_KL_WEIGHTS = {}
+
+
+def combined_loss(recon, target, mu, logvar, settings, loss_config, kl_weight):
+    """The six losses of ``compute_combined_loss`` (inputs already validated; ``kl_weight`` a
+    Python float or a one-element tensor that needs no gradient) by name, and the guard's
+    decision ``F`` (0-dim, 1 where the total was finite). Under ``torch.no_grad()`` no gradient
+    is computed."""
+    needs_grad = tuple(torch.is_grad_enabled() and t.requires_grad
+                       for t in (recon, target, mu, logvar))
+    *losses, aux, _, _, _ = _CombinedLoss.apply(
+        recon, target, mu, logvar, device_kl_weight(kl_weight, recon.device), settings,
+        loss_config, needs_grad)
     return dict(zip(OUTPUTS, losses)), aux[0]

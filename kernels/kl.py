@@ -19,12 +19,13 @@ an input).
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ..gradients import first_order_only
 from ._common import (ONE_PROGRAM, accumulator_dtype, empty, f64_parts, index_dtype, joined,
                       kernel_op, reciprocal, tl_dtype, wrap_triton)
 
@@ -57,12 +58,13 @@ def free_bits_kl_loop(
         clamped = tl.where(k < free_bits, free_bits, k)
         total += tl.where(mask, clamped, 0.0)
         if WRITE_GRAD:
-            active = k >= free_bits
+            # A product with the 0/1 mask, not a select: where k is NaN the mask is 0 and a NaN
+            # or infinite mu or exp(logvar) still gives NaN, as the chain rule through
+            # torch.clamp does (0 * nan).
+            active = (k >= free_bits).to(ACC) * inv_batch
             dtype = grad_mu_ptr.dtype.element_ty
-            tl.store(grad_mu_ptr + index, tl.where(active, mu * inv_batch, 0.0).to(dtype),
-                     mask=mask)
-            tl.store(grad_logvar_ptr + index,
-                     tl.where(active, 0.5 * (var - 1.0) * inv_batch, 0.0).to(dtype), mask=mask)
+            tl.store(grad_mu_ptr + index, (mu * active).to(dtype), mask=mask)
+            tl.store(grad_logvar_ptr + index, (0.5 * (var - 1.0) * active).to(dtype), mask=mask)
         start += BLOCK
     return tl.sum(total, axis=0) * inv_batch
 
@@ -137,22 +139,34 @@ def free_bits_kl_backward_op(grad_mu: torch.Tensor, grad_logvar: torch.Tensor,
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(output[1], output[2], inputs[0], inputs[1])
     ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
 
 
 def _backward(ctx, grad_kl, _grad_mu_out, _grad_logvar_out):
-    grad_mu, grad_logvar = ctx.saved_tensors
-    out_mu, out_logvar = free_bits_kl_backward_op(grad_mu, grad_logvar, grad_kl, *ctx.dtypes)
-    return (out_mu if ctx.needs_input_grad[0] else None,
-            out_logvar if ctx.needs_input_grad[1] else None, None, None)
+    grad_mu, grad_logvar, mu, logvar = ctx.saved_tensors
+    with torch.no_grad():  # the op has no autograd formula: see first_order_only
+        out_mu, out_logvar = free_bits_kl_backward_op(grad_mu, grad_logvar, grad_kl,
+                                                      *ctx.dtypes)
+    grads = (out_mu if ctx.needs_input_grad[0] else None,
+             out_logvar if ctx.needs_input_grad[1] else None)
+    return (*first_order_only("triton", grads, (mu, logvar)), None, None)
 
 
-free_bits_kl_op.register_autograd(_backward, setup_context=_setup_context)
+class _FreeBitsKL(torch.autograd.Function):
+    """``free_bits_kl_op`` with its gradient (a Function rather than the op's registered
+    autograd, which ``torch.func`` transforms do not support)."""
+
+    forward = staticmethod(free_bits_kl_op)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
 
 
-def free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> torch.Tensor:
-    """Free-bits KL of ``[B, D]`` tensors of any strides (see the module docstring)."""
+def free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float,
+                 dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Free-bits KL of ``[B, D]`` tensors of any strides (see the module docstring), computed
+    in the inputs' accumulator dtype and returned as ``dtype`` (default: that one)."""
     write_grad = torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad)
-    kl, _, _ = free_bits_kl_op(mu, logvar, float(free_bits), write_grad)
-    return kl
+    kl, _, _ = _FreeBitsKL.apply(mu, logvar, float(free_bits), write_grad)
+    return kl.to(dtype or kl.dtype)

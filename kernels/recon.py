@@ -34,14 +34,15 @@ Inputs may have any strides (no copy is made); offsets are int64.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ..gradients import first_order_only
 from ._common import (ONE_PROGRAM, accumulator_dtype, empty, f64_parts, joined, kernel_op,
-                      reciprocal, signum, tl_dtype, wrap_triton)
+                      reciprocal, scaled_by, signum, tl_dtype, wrap_triton)
 
 IF_EPS = 1e-8
 BLOCK = 1024
@@ -140,16 +141,16 @@ def _recon_finalize_kernel(
 @triton.jit
 def recon_grads(rm, ri, tm, ti, g_mag, g_if, if_hi, if_lo, mean_tm, n_elements, if_eps,
                 ACC: tl.constexpr):
-    """``(d/drm, d/dri, d/dtm)`` for incoming gradients ``g_mag``, ``g_if`` (d/dti = -d/dri)."""
+    """``(d/drm, d/dri, d/dtm)`` for incoming gradients ``g_mag``, ``g_if`` (d/dti = -d/dri).
+    A term whose incoming gradient is 0 contributes exactly 0 (``scaled_by``): a non-finite IF
+    weight (a NaN or inf in ``tm``) stays out of the magnitude term's gradient."""
     inv_n = reciprocal(n_elements, ACC)
-    c_mag = g_mag * inv_n
-    c_if = g_if * inv_n / (mean_tm + if_eps)
-    d_if = ri - ti
-    grad_rm = c_mag * signum(rm - tm)
-    grad_ri = c_if * signum(d_if) * tm
+    if_scale = inv_n / (mean_tm + if_eps)
+    grad_rm = scaled_by(g_mag, inv_n * signum(rm - tm))
+    grad_ri = scaled_by(g_if, if_scale * signum(ri - ti) * tm)
     gap = (tl.abs(ri.to(tl.float64) - ti.to(tl.float64)) - if_hi.to(tl.float64)
            - if_lo.to(tl.float64))
-    grad_tm = -grad_rm + c_if * gap.to(ACC)
+    grad_tm = -grad_rm + scaled_by(g_if, if_scale * gap.to(ACC))
     return grad_rm, grad_ri, grad_tm
 
 
@@ -234,22 +235,33 @@ def recon_terms_backward_op(recon: torch.Tensor, target: torch.Tensor, stats: to
 
 def _setup_context(ctx, inputs, output):
     recon, target = inputs
+    ctx.mark_non_differentiable(output[2])
     ctx.save_for_backward(recon, target, output[2])
     ctx.target_grad = ctx.needs_input_grad[1]
 
 
 def _backward(ctx, grad_mag, grad_if, _grad_stats):
     recon, target, stats = ctx.saved_tensors
-    grad_recon, grad_target = recon_terms_backward_op(recon, target, stats, grad_mag, grad_if,
-                                                      ctx.target_grad)
-    return (grad_recon.to(recon.dtype) if ctx.needs_input_grad[0] else None,
-            grad_target.to(target.dtype) if ctx.target_grad else None)
+    with torch.no_grad():  # the op has no autograd formula: see first_order_only
+        grad_recon, grad_target = recon_terms_backward_op(recon, target, stats, grad_mag,
+                                                          grad_if, ctx.target_grad)
+    return first_order_only("triton", (
+        grad_recon.to(recon.dtype) if ctx.needs_input_grad[0] else None,
+        grad_target.to(target.dtype) if ctx.target_grad else None), (recon, target))
 
 
-recon_terms_op.register_autograd(_backward, setup_context=_setup_context)
+class _ReconTerms(torch.autograd.Function):
+    """``recon_terms_op`` with its gradient (a Function rather than the op's registered autograd,
+    which ``torch.func`` transforms do not support)."""
+
+    forward = staticmethod(recon_terms_op)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
 
 
-def recon_terms(recon: torch.Tensor, target: torch.Tensor):
-    """``(mag_recon_loss, if_recon_loss)`` of ``[B, 2, H, W]`` tensors of any strides."""
-    mag, if_loss, _ = recon_terms_op(recon, target)
-    return mag, if_loss
+def recon_terms(recon: torch.Tensor, target: torch.Tensor,
+                dtype: Optional[torch.dtype] = None):
+    """``(mag_recon_loss, if_recon_loss)`` of ``[B, 2, H, W]`` tensors of any strides, computed
+    in the inputs' accumulator dtype and returned as ``dtype`` (default: that one)."""
+    mag, if_loss, _ = _ReconTerms.apply(recon, target)
+    return mag.to(dtype or mag.dtype), if_loss.to(dtype or mag.dtype)

@@ -12,7 +12,7 @@ and its gradient, with ``D = Mx - My``, ``K`` the bins of ``r``, ``R`` resolutio
 
     dL/dMx = a_r D + c_log sign(ln Mx/My) / Mx + c_lin sign(D)
     dL/dMy = -a_r D - b_r My - c_log sign(ln Mx/My) / My - c_lin sign(D)
-      a_r = w_sc / (R ||D|| ||My||)  (0 where ||D|| = 0),  b_r = w_sc ||D|| / (R ||My||^3),
+      a_r = w_sc / (R ||D|| ||My||)  (0 where ||D|| = 0, as torch.norm's backward),  b_r = w_sc ||D|| / (R ||My||^3),
       c_log = w_log / (R K),  c_lin = w_lin / (R K)
     G = dL/dX = h_k dL/dMx X / Mx where |X|^2 >= eps, else 0 (the clamp holds)
     dL/dframe = irfft(G, norm="forward") * w,   h_k = 1/2 but for DC and Nyquist (irfft counts
@@ -43,8 +43,9 @@ from typing import List, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch._guards import detect_fake_mode
 
+from ..gradients import first_order_only
+from ..tracing import tracing
 from ._common import ONE_PROGRAM, empty, kernel_op, reciprocal, signum, tl_dtype, wrap_triton
 
 BLOCK = 1024
@@ -178,7 +179,7 @@ def make_plan(settings, signals: int, length: int, device, dtype) -> STFTPlan:
         use_terms=(settings.w_sc != 0, settings.w_log_mag != 0, settings.w_lin_mag != 0),
     )
     # A traced step keeps its own (graph constants; fake tensors under fake-tensor tracing).
-    if not torch.compiler.is_compiling() and detect_fake_mode() is None:
+    if not tracing():
         settings.cache[key] = plan
     return plan
 
@@ -326,7 +327,7 @@ def mrstft_from_partials(
         if USE_SC:
             inv_den = 1.0 / den
             loss_r += w_sc * (num * inv_den)
-            a_r = tl.where(num > 0, w_sc * inv_res * inv_den / num, 0.0)
+            a_r = tl.where(num == 0, 0.0, w_sc * inv_res * inv_den / num)  # NaN stays NaN
             b_r = w_sc * inv_res * num * inv_den * inv_den * inv_den
         if USE_LOG:
             loss_r += w_log * (tl.sum(tl.where(q == 2, sums, 0.0), axis=0) * inv_count)
@@ -580,10 +581,12 @@ def _signal_rows_layout(t: torch.Tensor):
 
 
 class _MRSTFTLoss(torch.autograd.Function):
-    """MRSTFT of ``[B, C, T]`` signals, its gradient computed in the forward pass."""
+    """MRSTFT of ``[B, C, T]`` signals, its gradient computed in the forward pass. With
+    ``clamped``: ``max(MRSTFT, 0)``, the gradient passed as through ``torch.clamp`` (0 where
+    MRSTFT < 0 or is NaN, multiplied in wherever a gradient reaches the term)."""
 
     @staticmethod
-    def forward(ctx, x, y, settings, grad_enabled):
+    def forward(x, y, settings, grad_x, grad_y, clamped):
         dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
         signals, length = x.shape[0] * x.shape[1], x.shape[2]
         plan = make_plan(settings, signals, length, x.device, stft_dtype(dtype))
@@ -591,27 +594,39 @@ class _MRSTFTLoss(torch.autograd.Function):
         spec = spectra_of(frames, plan)
         loss, scalars = mrstft_reduce_op(spec, plan.meta, plan.params, signals, plan.n_res,
                                          plan.max_spec_tiles, list(plan.use_terms))
-        grad_x, grad_y = (grad_enabled and needed for needed in ctx.needs_input_grad[:2])
         grad = (signal_gradient(spec, frames, scalars, plan, grad_x, grad_y)
                 if grad_x or grad_y else None)
-        ctx.save_for_backward(grad)
-        ctx.shapes = (x.shape, x.dtype, y.dtype)
-        return loss.to(dtype)
+        loss = loss.to(dtype)
+        # The unclamped value is what the clamp's gradient needs (and only it).
+        return (loss.clamp_min(0.0), loss, grad) if clamped else (loss, None, grad)
 
     @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
+    def setup_context(ctx, inputs, output):
+        x, y = inputs[:2]
+        _, loss, grad = output
+        ctx.mark_non_differentiable(*(t for t in (loss, grad) if t is not None))
+        ctx.save_for_backward(loss, grad, x, y)
+        ctx.shapes = (x.shape, x.dtype, y.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_loss, _grad_grad):
+        loss, grad, x, y = ctx.saved_tensors
         shape, x_dtype, y_dtype = ctx.shapes
-        grad = torch.where(grad_output != 0, grad * grad_output, 0.0)
+        gate = grad_output if loss is None else torch.where(loss >= 0, grad_output, 0.0)
+        grad = torch.where(grad_output != 0, grad * gate.to(grad.dtype), 0.0)
         if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
             gx, gy = grad.chunk(2)
         else:
             gx, gy = (grad, None) if ctx.needs_input_grad[0] else (None, grad)
-        return (None if gx is None else gx.view(shape).to(x_dtype),
-                None if gy is None else gy.view(shape).to(y_dtype), None, None)
+        grads = (None if gx is None else gx.view(shape).to(x_dtype),
+                 None if gy is None else gy.view(shape).to(y_dtype))
+        return (*first_order_only("triton", grads, (x, y)), None, None, None, None)
 
 
-def mrstft_loss(x: torch.Tensor, y: torch.Tensor, settings) -> torch.Tensor:
-    """MRSTFT of ``[B, C, T]`` tensors of any strides and float dtypes (see the docstring); no
-    gradient is computed under ``torch.no_grad()``."""
-    return _MRSTFTLoss.apply(x, y, settings, torch.is_grad_enabled())
+def mrstft_loss(x: torch.Tensor, y: torch.Tensor, settings, clamped: bool = False
+                ) -> torch.Tensor:
+    """MRSTFT of ``[B, C, T]`` tensors of any strides and float dtypes (see the docstring), or
+    ``max(MRSTFT, 0)`` with ``clamped``; no gradient is computed under ``torch.no_grad()``."""
+    grad_x, grad_y = (torch.is_grad_enabled() and t.requires_grad for t in (x, y))
+    loss, _, _ = _MRSTFTLoss.apply(x, y, settings, grad_x, grad_y, clamped)
+    return loss

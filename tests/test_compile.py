@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import FAST_BACKENDS, make_batch, rel_err, requires_cuda
-from distill_fused import LossConfig, compute_combined_loss, create_stft_loss
+from distill_fused import LossConfig, STFTLossConfig, compute_combined_loss, create_stft_loss
 
 
 def _compiled_vs_eager(backend, device, compile_backend, seed):
@@ -42,3 +42,107 @@ def test_fullgraph_trace_cpu(backend, seed):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fullgraph_inductor_cuda(backend, seed):
     _compiled_vs_eager(backend, "cuda", "inductor", seed)
+
+
+class _CountingBackend:
+    """A torch.compile backend that counts the graphs it is given, then runs ``inner``."""
+
+    def __init__(self, inner):
+        self.inner, self.compilations = inner, 0
+
+    def __call__(self, graph, example_inputs):
+        self.compilations += 1
+        from torch._dynamo.backends.registry import lookup_backend
+        return lookup_backend(self.inner)(graph, example_inputs)
+
+
+class _TinyVAE(torch.nn.Module):
+    """Encoder to (mu, logvar), decoder fed by z = mu + sigma * eps, to a [B, 2, H, W] output."""
+
+    def __init__(self, height, width, latent_dim, generator):
+        super().__init__()
+        self.shape = (2, height, width)
+        self.encoder = torch.nn.Linear(2 * height * width, 2 * latent_dim, dtype=torch.float64)
+        self.decoder = torch.nn.Linear(latent_dim, 2 * height * width, dtype=torch.float64)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.1 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+
+    def forward(self, x, eps):
+        mu, logvar = self.encoder(x.flatten(1)).chunk(2, dim=1)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        return self.decoder(z).view(-1, *self.shape), mu, logvar
+
+
+@pytest.mark.parametrize("stft", ["config", "module"])
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_kl_schedule_compiles_at_most_twice(backend, compile_backend, stft, seed):
+    """8 training steps (model forward and loss compiled with fullgraph=True, backward and the
+    optimizer outside) with kl_weight a Python float from a warm-up schedule: at most 2
+    compilations, and the eager run's parameters at the end. The STFT loss from the config, or
+    from ``create_stft_loss`` (as the application passes it)."""
+    from distill_fused import get_kl_weight
+
+    config = LossConfig(stft=STFTLossConfig(fft_sizes=(16, 32), hop_sizes=(4, 8),
+                                            win_lengths=(16, 32)))
+    g = torch.Generator().manual_seed(seed)
+    target = make_batch("realistic", torch.float64, seed, batch=2, height=4, width=20)[1]
+    eps = [torch.randn(2, 3, generator=g, dtype=torch.float64) for _ in range(8)]
+    initial = _TinyVAE(4, 20, 3, g).state_dict()
+    stft_fn = create_stft_loss(config, "cpu") if stft == "module" else None
+
+    def train(compiled):
+        model = _TinyVAE(4, 20, 3, torch.Generator())
+        model.load_state_dict(initial)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+
+        def step(x, noise, kl_weight):
+            recon, mu, logvar = model(x, noise)
+            return compute_combined_loss(recon, x, mu, logvar, config, kl_weight,
+                                         _stft_loss_fn=stft_fn, backend=backend)["total_loss"]
+
+        counter = _CountingBackend(compile_backend)
+        run = torch.compile(step, fullgraph=True, backend=counter) if compiled else step
+        for epoch in range(8):
+            optimizer.zero_grad()
+            run(target, eps[epoch], get_kl_weight(epoch, 8, 1.0, 0.01)).backward()
+            optimizer.step()
+        return counter.compilations, [p.detach() for p in model.parameters()]
+
+    torch._dynamo.reset()
+    compilations, compiled_params = train(compiled=True)
+    _, eager_params = train(compiled=False)
+    assert 1 <= compilations <= 2
+    for a, b in zip(compiled_params, eager_params):
+        assert rel_err(a, b) <= 1e-12
+
+
+def test_first_call_inside_a_compiled_step_needs_no_import(tmp_path):
+    """A fresh process whose first loss call is inside a compiled step: the backend it selects
+    was imported with the package (Dynamo cannot trace an import)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import sys, torch
+        import distill_fused
+        from distill_fused.backends import available_backends
+        names = available_backends("cpu")
+        assert ("triton" in names) == ("triton" in sys.modules), (names, "triton" in sys.modules)
+        g = torch.Generator().manual_seed(0)
+        recon, target = (torch.randn(2, 2, 4, 20, generator=g) for _ in range(2))
+        mu, logvar = (torch.randn(2, 3, generator=g) for _ in range(2))
+        config = distill_fused.LossConfig(stft=distill_fused.STFTLossConfig(
+            fft_sizes=(16,), hop_sizes=(4,), win_lengths=(16,)))
+        for backend in names[1:]:
+            step = torch.compile(lambda *t: distill_fused.compute_combined_loss(
+                *t, config, 0.1, backend=backend)["total_loss"], fullgraph=True,
+                backend="aot_eager")
+            print(backend, float(step(recon, target, mu, logvar)))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(done.stdout.splitlines()) == len(FAST_BACKENDS)

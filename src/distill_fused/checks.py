@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -19,7 +20,8 @@ def _check_tensor(name: str, t) -> None:
 
 def check_combined_inputs(recon, target, mu, logvar, kl_weight, settings):
     """Raise ``TypeError``/``ValueError`` naming the argument and what was expected; return
-    ``kl_weight`` as a Python float (numpy scalars included), or the one-element tensor given."""
+    ``kl_weight`` as a Python float (numpy scalars included), or the one-element tensor given.
+    A tensor ``kl_weight``'s value is not checked: that would read it back to the host."""
     for name, t in (("recon", recon), ("target", target), ("mu", mu), ("logvar", logvar)):
         _check_tensor(name, t)
     for name, t in (("recon", recon), ("target", target)):
@@ -58,6 +60,10 @@ def check_combined_inputs(recon, target, mu, logvar, kl_weight, settings):
         raise TypeError(f"kl_weight must be a python float, got {type(kl_weight).__name__}")
     else:
         kl_weight = float(kl_weight)
+        if not -math.inf < kl_weight < math.inf:  # NaN fails too (comparisons, not
+            # math.isfinite: torch.compile keeps a float from a schedule symbolic through them)
+            raise ValueError(f"kl_weight must be finite, got {kl_weight!r} (a broken KL "
+                             "schedule?); a value <= 0 turns the KL term off")
     if isinstance(settings, MRSTFTSettings):
         length = recon.shape[2] * recon.shape[3]
         if length < settings.min_length:

@@ -22,13 +22,13 @@ import weakref
 from typing import Dict, Optional
 
 import torch
-from torch._guards import detect_fake_mode
 
 from .backends import select_backend
 from .checks import check_combined_inputs
 from .config import LossConfig, as_loss_config
 from .mrstft import MRSTFTSettings, MultiResolutionSTFTLoss, settings_from_auraloss
 from .nonfinite import nonfinite_mode, record
+from .tracing import tracing
 
 __all__ = ["compute_combined_loss", "create_stft_loss", "vae_loss", "get_kl_weight",
            "compute_kl_divergence", "MultiResolutionSTFTLoss"]
@@ -54,7 +54,7 @@ def _config_settings(loss_config: LossConfig) -> MRSTFTSettings:
     settings = _CONFIG_SETTINGS.get(key)
     if settings is None:
         settings = create_stft_loss(loss_config).settings
-        if detect_fake_mode() is None:  # windows made while tracing fake tensors are fake
+        if not tracing():  # windows made while tracing are not real
             _CONFIG_SETTINGS[key] = settings
     return settings
 

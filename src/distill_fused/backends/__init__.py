@@ -23,9 +23,7 @@ NAMES = ("auto", "reference", "torch", "triton")
 _MODULES = {"reference": ".reference", "torch": ".torch_backend", "triton": ".triton_backend"}
 
 
-# Backend modules by name. The light ones are imported here; ``triton`` on first use (Triton
-# is optional). ``create_stft_loss(config, device)`` resolves the device's backend once per
-# run, so that a step traced by torch.compile finds it here instead of tracing an import.
+# Backend modules by name. The light ones are imported here, ``triton`` (optional) below.
 _LOADED: Dict[str, ModuleType] = {"reference": reference, "torch": torch_backend}
 _IMPORT_FAILED: Dict[str, str] = {}
 
@@ -59,6 +57,8 @@ def select_backend(device, name: Optional[str] = None) -> ModuleType:
     """The backend module for tensors on ``device``."""
     device = torch.device(device)
     requested = name or os.environ.get(ENV_VAR) or "auto"
+    if requested in ("reference", "torch"):
+        return _LOADED[requested]
     if requested not in NAMES:
         raise ValueError(f"unknown loss backend {requested!r} (from "
                          f"{'the backend argument' if name else ENV_VAR}); available for "
@@ -73,3 +73,10 @@ def select_backend(device, name: Optional[str] = None) -> ModuleType:
                          f"here ({why}); available: "
                          f"{', '.join(['auto'] + available_backends(device))}")
     return _load(requested)
+
+
+# Where the triton backend can serve (a CUDA build of torch, or the interpreter) it is imported
+# with the package: a step compiled by torch.compile must find it loaded, since Dynamo cannot
+# trace an import. (``torch.version.cuda`` is a build fact: no CUDA call is made here.)
+if torch.version.cuda is not None or os.environ.get("TRITON_INTERPRET") == "1":
+    _load("triton")

@@ -1,5 +1,5 @@
-"""What the backends share: input dtypes, what ``combined_loss`` returns, the assembly of the
-combined loss (spec steps 3, 6 and 7) and the scaling of gradients saved by the forward pass."""
+"""What the backends share: input dtypes, what ``combined_loss`` returns, and the assembly of
+the combined loss from a backend's term functions."""
 
 from __future__ import annotations
 
@@ -24,35 +24,26 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor):
-    """``grad * grad_output`` for a gradient saved by the forward pass, with a zero
-    ``grad_output`` giving exactly zero: the non-finite guard (spec step 7) routes a zero
-    gradient into every term but the reconstruction, and ``0 * nan`` must not reach an input."""
-    if grad is None:
-        return None
-    return torch.where(grad_output != 0, grad * grad_output, torch.zeros_like(grad))
-
-
 def assemble_combined_loss(recon, target, mu, logvar, config, kl_weight, stft: StftTerm, *,
                            recon_terms, free_bits_kl, mrstft_loss) -> Combined:
-    """Spec steps 1-7 from a backend's term functions, which take the inputs in their own
-    dtypes and return float32 (float64 for float64 inputs). No value is read back to the host."""
+    """The combined loss from a backend's term functions, each computed in the dtype of the
+    result (``compute_dtype`` of all four inputs, as the reference computes it), so that every
+    output has that one dtype. No value is read back to the host."""
     dtype = compute_dtype(recon, target, mu, logvar)
     batch = recon.shape[0]
 
-    mag_loss, if_loss = recon_terms(recon, target)
+    mag_loss, if_loss = recon_terms(recon, target, dtype)
     rc = config.reconstruction
     recon_loss = rc.weight * (rc.magnitude_weight * mag_loss + rc.if_weight * if_loss)
 
     x = recon[:, 0].reshape(batch, 1, -1)
     y = target[:, 0].reshape(batch, 1, -1)
     if isinstance(stft, MRSTFTSettings):
-        stft_loss = mrstft_loss(x, y, stft)
+        stft_loss = mrstft_loss(x.to(dtype), y.to(dtype), stft, clamped=True)
     else:
-        stft_loss = stft(x.to(dtype), y.to(dtype)).to(dtype)
-    stft_loss = stft_loss.clamp_min(0.0)
+        stft_loss = stft(x.to(dtype), y.to(dtype)).to(dtype).clamp_min(0.0)
 
-    kl_loss = free_bits_kl(mu, logvar, config.kl.free_bits)
+    kl_loss = free_bits_kl(mu, logvar, config.kl.free_bits, dtype)
 
     total = config.stft.weight * stft_loss + recon_loss
     if isinstance(kl_weight, torch.Tensor):

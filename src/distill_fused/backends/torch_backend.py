@@ -9,11 +9,15 @@ here reads a value back to the host.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 from ..mrstft import MRSTFTSettings
-from .common import Combined, assemble_combined_loss, compute_dtype, scale_saved_grad
+from ..tracing import tracing
+from ..gradients import first_order_only, scale_saved_grad
+from .common import Combined, assemble_combined_loss, compute_dtype
 
 name = "torch"
 
@@ -74,9 +78,13 @@ def _stft_adjoint(grad_spec: torch.Tensor, window: torch.Tensor, hop: int,
 
 
 def _cached(settings: MRSTFTSettings, key, make):
+    """``settings.cache[key]``, made on first use; a traced step makes its own and keeps none
+    (a tensor made inside a compiled graph must not outlive it)."""
     value = settings.cache.get(key)
     if value is None:
-        value = settings.cache[key] = make()
+        value = make()
+        if not tracing():
+            settings.cache[key] = value
     return value
 
 
@@ -145,8 +153,9 @@ def _mrstft_value_and_grads(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSe
             if w_lin:
                 coef.add_(torch.sign(diff), alpha=sign * w_lin / count)
             if w_sc:
-                # d||D||/dD = D / ||D||, and 0 at D = 0 (as torch.norm's backward has it).
-                sc_scale = torch.where(num > 0, w_sc / (num * den), 0.0)
+                # d||D||/dD = D / ||D||, and 0 at D = 0 (as torch.norm's backward has it; a
+                # NaN norm gives NaN).
+                sc_scale = torch.where(num == 0, 0.0, w_sc / (num * den))
                 coef.addcmul_(diff, sign * sc_scale)
                 if not is_x:
                     coef.addcmul_(m, -w_sc * num / den.pow(3))
@@ -163,46 +172,63 @@ def _mrstft_value_and_grads(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSe
 
 class _MRSTFTLoss(torch.autograd.Function):
     """MRSTFT with its gradients computed in the forward pass (see ``_mrstft_value_and_grads``);
-    backward only scales them by ``grad_output``."""
+    backward only scales them by ``grad_output``.
+
+    With ``clamped``, the output is ``max(MRSTFT, 0)`` (the combined loss's STFT term) and the
+    gradient passes as through ``torch.clamp``: 0 where MRSTFT < 0 or is NaN, multiplied in
+    (``0 * nan`` is NaN, as in the oracle) wherever a gradient reaches the term at all."""
 
     @staticmethod
-    def forward(ctx, x, y, settings, grad_enabled):
-        grad_x, grad_y = (grad_enabled and needed for needed in ctx.needs_input_grad[:2])
+    def forward(x, y, settings, grad_x, grad_y, clamped):
         loss, grad = _mrstft_value_and_grads(x, y, settings, grad_x, grad_y)
-        ctx.save_for_backward(grad)
-        return loss
+        # The unclamped value is what the clamp's gradient needs (and only it).
+        return (loss.clamp_min(0.0), loss, grad) if clamped else (loss, None, grad)
 
     @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        grad = scale_saved_grad(grad, grad_output)
+    def setup_context(ctx, inputs, output):
+        _, loss, grad = output
+        ctx.mark_non_differentiable(*(t for t in (loss, grad) if t is not None))
+        ctx.save_for_backward(loss, grad, *inputs[:2])
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_loss, _grad_grad):
+        loss, grad, x, y = ctx.saved_tensors
+        gate = grad_output if loss is None else torch.where(loss >= 0, grad_output, 0.0)
+        grad = torch.where(grad_output != 0, grad * gate, 0.0)
         if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
             gx, gy = grad.chunk(2)
         else:
             gx, gy = (grad, None) if ctx.needs_input_grad[0] else (None, grad)
-        return gx, gy, None, None
+        return (*first_order_only(name, (gx, gy), (x, y)), None, None, None, None)
 
 
-def mrstft_loss(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings) -> torch.Tensor:
-    """MRSTFT of ``[B, C, T]`` signals (half precision computed in float32); no gradient is
-    computed under ``torch.no_grad()``."""
+def mrstft_loss(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings,
+                clamped: bool = False) -> torch.Tensor:
+    """MRSTFT of ``[B, C, T]`` signals (half precision computed in float32), or
+    ``max(MRSTFT, 0)`` with ``clamped``; no gradient is computed under ``torch.no_grad()``."""
     dtype = compute_dtype(x, y)
     length = x.shape[-1]
-    return _MRSTFTLoss.apply(x.reshape(-1, length).to(dtype), y.reshape(-1, length).to(dtype),
-                             settings, torch.is_grad_enabled())
+    grad_x, grad_y = (torch.is_grad_enabled() and t.requires_grad for t in (x, y))
+    loss, _, _ = _MRSTFTLoss.apply(x.reshape(-1, length).to(dtype),
+                                   y.reshape(-1, length).to(dtype), settings, grad_x, grad_y,
+                                   clamped)
+    return loss
 
 
 # --------------------------------------------------------------------------------------------
 # Reconstruction terms and free-bits KL
 # --------------------------------------------------------------------------------------------
 
-def recon_terms(recon: torch.Tensor, target: torch.Tensor):
-    """``mean|rm - tm|`` and ``mean(|ri - ti| * tm) / (mean(tm) + 1e-8)``, through autograd
-    (a handful of passes over ``[B, H, W]``; the gradient for ``target`` comes for free).
+def recon_terms(recon: torch.Tensor, target: torch.Tensor,
+                dtype: Optional[torch.dtype] = None):
+    """``mean|rm - tm|`` and ``mean(|ri - ti| * tm) / (mean(tm) + 1e-8)`` in ``dtype`` (default:
+    ``compute_dtype`` of the two), through
+    autograd (a handful of passes over ``[B, H, W]``; the gradient for ``target`` comes for
+    free, and so does autograd's treatment of NaN and inf).
 
     The two IF sums run over a signed ``tm`` and may cancel (mean(tm) near 0 makes the term
     ill-conditioned): they are accumulated in float64 wherever the device has it (not MPS)."""
-    dtype = compute_dtype(recon, target)
+    dtype = dtype or compute_dtype(recon, target)
     recon, target = recon.to(dtype), target.to(dtype)
     rm, ri, tm, ti = recon[:, 0], recon[:, 1], target[:, 0], target[:, 1]
     mag = (rm - tm).abs().mean()
@@ -216,13 +242,13 @@ def recon_terms(recon: torch.Tensor, target: torch.Tensor):
 class _FreeBitsKL(torch.autograd.Function):
     """``kl = mean_b sum_d max(k, free_bits)``, ``k = -0.5 (1 + logvar - mu^2 - exp(logvar))``.
 
-    ``dkl/dmu = mu / B`` and ``dkl/dlogvar = 0.5 (exp(logvar) - 1) / B`` where ``k >= free_bits``
-    (``torch.clamp`` passes the gradient at the boundary), 0 elsewhere. Computed in forward.
-    """
+    ``dkl/dmu = mu [k >= free_bits] / B`` and ``dkl/dlogvar = 0.5 (exp(logvar) - 1)
+    [k >= free_bits] / B`` (``torch.clamp`` passes the gradient at the boundary; the mask is
+    multiplied in, so a NaN ``k`` with a NaN or infinite factor gives NaN, as autograd gives).
+    Computed in forward."""
 
     @staticmethod
-    def forward(ctx, mu, logvar, free_bits, grad_enabled):
-        grad_mu, grad_logvar = (grad_enabled and needed for needed in ctx.needs_input_grad[:2])
+    def forward(mu, logvar, free_bits, grad_mu, grad_logvar):
         var = torch.exp(logvar)
         k = -0.5 * (1 + logvar - mu * mu - var)
         batch = mu.shape[0]
@@ -230,20 +256,29 @@ class _FreeBitsKL(torch.autograd.Function):
         active = (k >= free_bits).to(mu.dtype) / batch if grad_mu or grad_logvar else None
         g_mu = mu * active if grad_mu else None
         g_logvar = 0.5 * (var - 1) * active if grad_logvar else None
-        ctx.save_for_backward(g_mu, g_logvar)
-        return kl
+        return kl, g_mu, g_logvar
 
     @staticmethod
-    def backward(ctx, grad_output):
-        g_mu, g_logvar = ctx.saved_tensors
-        return (scale_saved_grad(g_mu, grad_output), scale_saved_grad(g_logvar, grad_output),
-                None, None)
+    def setup_context(ctx, inputs, output):
+        _, g_mu, g_logvar = output
+        ctx.mark_non_differentiable(*(g for g in (g_mu, g_logvar) if g is not None))
+        ctx.save_for_backward(g_mu, g_logvar, *inputs[:2])
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_g_mu, _grad_g_logvar):
+        g_mu, g_logvar, mu, logvar = ctx.saved_tensors
+        grads = (scale_saved_grad(g_mu, grad_output), scale_saved_grad(g_logvar, grad_output))
+        return (*first_order_only(name, grads, (mu, logvar)), None, None, None)
 
 
-def free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> torch.Tensor:
-    dtype = compute_dtype(mu, logvar)
-    return _FreeBitsKL.apply(mu.to(dtype), logvar.to(dtype), float(free_bits),
-                             torch.is_grad_enabled())
+def free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float,
+                 dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Free-bits KL in ``dtype`` (default: ``compute_dtype`` of the two)."""
+    dtype = dtype or compute_dtype(mu, logvar)
+    grad_mu, grad_logvar = (torch.is_grad_enabled() and t.requires_grad for t in (mu, logvar))
+    kl, _, _ = _FreeBitsKL.apply(mu.to(dtype), logvar.to(dtype), float(free_bits), grad_mu,
+                                 grad_logvar)
+    return kl
 
 
 def combined_loss(recon, target, mu, logvar, config, kl_weight, stft) -> Combined:
