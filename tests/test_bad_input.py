@@ -1,5 +1,6 @@
 """Every bad input of the spec gets TypeError/ValueError naming the argument, before any work."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,3 +80,47 @@ def test_non_finite_values_are_not_an_error():
     args["recon"][0, 0, 0, 0] = float("nan")
     out = compute_combined_loss(**args, kl_weight=0.1, backend="torch")
     assert torch.isnan(out["total_loss"])
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), np.float64("nan")],
+                         ids=["nan", "inf", "-inf", "numpy-nan"])
+def test_non_finite_kl_weight_is_a_broken_schedule(backend, value, monkeypatch):
+    from distill_fused.backends import select_backend
+    chosen = select_backend("cpu", backend)
+    monkeypatch.setattr(chosen, "combined_loss", lambda *a: pytest.fail("work was done"))
+    with pytest.raises(ValueError, match="kl_weight must be finite"):
+        compute_combined_loss(**good(), kl_weight=value, backend=backend)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_negative_kl_weight_turns_the_kl_term_off(backend, seed):
+    """As in the seed: kl_weight <= 0 leaves the KL out of the total, even a non-finite KL."""
+    g = torch.Generator().manual_seed(seed)
+    args = {k: v.double() for k, v in good().items()}
+    for t in args.values():
+        t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype))
+    args["logvar"][0, 0] = 1e5  # the KL overflows
+    for kl_weight in (-0.5, 0.0, torch.tensor(-0.5)):
+        out = compute_combined_loss(**args, kl_weight=kl_weight, backend=backend)
+        ref = compute_combined_loss(**args, kl_weight=kl_weight, backend="reference")
+        assert torch.isinf(out["kl_loss"])
+        assert torch.isfinite(out["total_loss"])
+        assert float(out["total_loss"]) == pytest.approx(float(ref["total_loss"]), rel=1e-12)
+        assert float(out["total_loss"]) != float(out["recon_loss"])  # no fallback happened
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
+def test_kl_weight_tensor_is_not_read_back(backend):
+    """A tensor kl_weight is data (no host read to check it); NaN in it turns the KL off, as
+    ``kl_weight > 0`` does in the reference."""
+    out = compute_combined_loss(**good(), kl_weight=torch.tensor(float("nan")), backend=backend)
+    assert torch.isfinite(out["total_loss"])
+
+
+@pytest.mark.parametrize("kl_weight, device", [(torch.tensor([0.1, 0.2]), "cpu"),
+                                               (torch.tensor(0.1), "meta")],
+                         ids=["two-elements", "other-device"])
+def test_kl_weight_tensor_shape_and_device(kl_weight, device):
+    with pytest.raises(ValueError, match="kl_weight"):
+        compute_combined_loss(**good(), kl_weight=kl_weight.to(device))

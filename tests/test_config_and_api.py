@@ -194,3 +194,50 @@ def test_refusals_do_not_depend_on_what_was_seen_before(seed):
                                          weight_max=-1.0))
     with pytest.raises(ValueError, match="free_bits"):
         compute_combined_loss(*batch, config((128, 256), free_bits=True))
+
+
+def test_nested_dicts_are_converted_and_checked():
+    config = LossConfig(stft={"weight": 2.0, "fft_sizes": [64, 128], "hop_sizes": [16, 32],
+                              "win_lengths": [64, 100]}, kl={"free_bits": 0.2})
+    assert isinstance(config.stft, STFTLossConfig) and config.stft.fft_sizes == (64, 128)
+    assert isinstance(config.kl, KLLossConfig) and config.kl.free_bits == 0.2
+    assert config.reconstruction == ReconLossConfig()
+    with pytest.raises(ValueError, match=r"LossConfig.stft: STFTLossConfig has no field 'wieght'"):
+        LossConfig(stft={"wieght": 1.0})
+    with pytest.raises(ValueError, match=r"LossConfig.reconstruction: .*ReconLossConfig.weight"):
+        LossConfig(reconstruction={"weight": -1})
+    with pytest.raises(TypeError, match=r"LossConfig.kl must be a KLLossConfig or a dict"):
+        LossConfig(kl=5)
+
+
+@pytest.mark.parametrize("cls", [LossConfig, STFTLossConfig, ReconLossConfig, KLLossConfig])
+def test_from_dict_and_to_dict_round_trip(cls):
+    import json
+    default = cls()
+    assert cls.from_dict(default.to_dict()) == default
+    assert cls.from_dict(json.loads(json.dumps(default.to_dict()))) == default
+    with pytest.raises(ValueError, match="has no field 'nope'"):
+        cls.from_dict({"nope": 1})
+    with pytest.raises(TypeError, match="from_dict takes a mapping"):
+        cls.from_dict([1, 2])
+
+
+def test_from_dict_of_a_changed_config():
+    config = LossConfig.from_dict({"stft": {"fft_sizes": [256], "hop_sizes": [64],
+                                            "win_lengths": [200]},
+                                   "reconstruction": {"if_weight": 0.25}})
+    assert config.to_dict()["stft"] == {"weight": 1.0, "fft_sizes": [256], "hop_sizes": [64],
+                                        "win_lengths": [200]}
+    assert LossConfig.from_dict(config.to_dict()) == config
+
+
+def test_nested_config_mutated_into_something_else_is_named(seed):
+    config = LossConfig()
+    batch = make_batch("realistic", torch.float64, seed)
+    config.stft.weight = -1.0
+    with pytest.raises(ValueError, match="STFTLossConfig.weight"):
+        compute_combined_loss(*batch, config)
+    config.stft.weight = 1.0
+    config.stft.hop_sizes = (128, 256)
+    with pytest.raises(ValueError, match="same length"):
+        compute_combined_loss(*batch, config)

@@ -166,3 +166,40 @@ def test_module_odd_lengths_and_channels(backend, shape, seed):
     assert rel_err(results[1][0], results[0][0]) <= 1e-10
     assert rel_err(results[1][1], results[0][1]) <= 1e-8
     assert rel_err(results[1][2], results[0][2]) <= 1e-8
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_attributes_changed_after_construction_are_honoured(backend, seed):
+    """Like auraloss's own attributes: each change re-plans the loss (checked as the constructor
+    checks it), and the result equals a module built with the new values."""
+    x, y = _signals(seed, torch.float64, length=300)
+    kwargs = dict(fft_sizes=[32, 64], hop_sizes=[8, 16], win_lengths=[32, 50], backend=backend)
+    module = MultiResolutionSTFTLoss(**kwargs)
+    changes = [("w_sc", 0.0), ("w_lin_mag", 0.5), ("fft_sizes", [32, 128]),
+               ("win_lengths", [20, 128]), ("window", "hamming_window"), ("eps", 0.5)]
+    for name, value in changes:
+        before = module(x, y)
+        setattr(module, name, value)
+        kwargs[name] = value
+        after = module(x, y)
+        assert torch.equal(after, MultiResolutionSTFTLoss(**kwargs)(x, y)), name
+        assert not torch.equal(before, after), name
+    module.hop_sizes[0] = 4  # in place
+    kwargs["hop_sizes"] = [4, 16]
+    assert torch.equal(module(x, y), MultiResolutionSTFTLoss(**kwargs)(x, y))
+    assert "hop_sizes=[4, 16]" in repr(module)
+    module.eps = -1.0
+    with pytest.raises(ValueError, match="MultiResolutionSTFTLoss.eps"):
+        module(x, y)
+
+
+def test_changed_module_changes_the_combined_loss(seed):
+    batch = make_batch("realistic", torch.float64, seed)
+    module = create_stft_loss(LossConfig())
+    first = compute_combined_loss(*batch, LossConfig(), _stft_loss_fn=module)["stft_loss"]
+    module.w_lin_mag = 1.0
+    second = compute_combined_loss(*batch, LossConfig(), _stft_loss_fn=module)["stft_loss"]
+    expected = auraloss.freq.MultiResolutionSTFTLoss(
+        fft_sizes=[512, 1024, 2048], hop_sizes=[128, 256, 512], win_lengths=[512, 1024, 2048],
+        w_lin_mag=1.0)(batch[0][:, :1].reshape(2, 1, -1), batch[1][:, :1].reshape(2, 1, -1))
+    assert rel_err(second, expected) <= 1e-10 and not torch.equal(first, second)

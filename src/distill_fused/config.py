@@ -1,8 +1,10 @@
 """Loss configuration: nested dataclasses whose attribute names existing training code reads.
 
 Every value is checked when the object is built, and converted: numpy integer and floating
-scalars become Python ``int``/``float``, sequences of sizes become tuples. A value that cannot
-work raises ``ValueError`` naming the field.
+scalars become Python ``int``/``float``, sequences of sizes become tuples, and a nested config
+given as a dict becomes its class. A value that cannot work raises ``ValueError`` naming the
+field. ``from_dict`` and ``to_dict`` read and write plain dicts (JSON, YAML) and round-trip.
+A field changed after construction is checked again at the next loss call.
 
 ``compute_combined_loss`` and ``create_stft_loss`` take this ``LossConfig`` or any object with
 the same attributes (the host application's own config classes): ``as_loss_config`` reads the
@@ -14,8 +16,8 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from dataclasses import dataclass, field
-from typing import Dict, Tuple
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Mapping, Tuple
 
 
 def as_weight(owner: str, name: str, value) -> float:
@@ -47,8 +49,39 @@ def as_sizes(owner: str, name: str, values) -> Tuple[int, ...]:
     return tuple(sizes)
 
 
+class _Fields:
+    """``from_dict`` / ``to_dict`` for the config dataclasses (JSON and YAML hold dicts and
+    lists): ``cls.from_dict(c.to_dict()) == c``."""
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]):
+        """The config of ``values`` (missing fields keep their defaults; nested configs may be
+        dicts). An unknown key is a ``ValueError`` naming it."""
+        if not isinstance(values, Mapping):
+            raise TypeError(f"{cls.__name__}.from_dict takes a mapping of its fields, got "
+                            f"{type(values).__name__}")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(str(k) for k in values if k not in names)
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no field {', '.join(map(repr, unknown))} "
+                             f"(its fields: {', '.join(names)})")
+        return cls(**values)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The fields as plain Python values: nested configs as dicts, sizes as lists."""
+        out: Dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, _Fields):
+                value = value.to_dict()
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
 @dataclass
-class STFTLossConfig:
+class STFTLossConfig(_Fields):
     """Multi-resolution STFT loss on the flattened magnitude channel."""
 
     weight: float = 1.0
@@ -74,7 +107,7 @@ class STFTLossConfig:
 
 
 @dataclass
-class ReconLossConfig:
+class ReconLossConfig(_Fields):
     """L1 on the magnitude channel plus magnitude-weighted L1 on the IF channel."""
 
     weight: float = 0.1
@@ -87,7 +120,7 @@ class ReconLossConfig:
 
 
 @dataclass
-class KLLossConfig:
+class KLLossConfig(_Fields):
     """Free-bits KL with a linear warm-up of its weight."""
 
     weight_max: float = 0.01
@@ -104,12 +137,30 @@ class KLLossConfig:
 
 
 @dataclass
-class LossConfig:
-    """``stft``, ``reconstruction`` and ``kl``: the settings of ``compute_combined_loss``."""
+class LossConfig(_Fields):
+    """``stft``, ``reconstruction`` and ``kl``: the settings of ``compute_combined_loss``.
+    Each may be given as its config class or as a dict of its fields (from JSON or YAML),
+    which is converted and checked here."""
 
     stft: STFTLossConfig = field(default_factory=STFTLossConfig)
     reconstruction: ReconLossConfig = field(default_factory=ReconLossConfig)
     kl: KLLossConfig = field(default_factory=KLLossConfig)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value, cls = getattr(self, f.name), _NESTED[f.name]
+            if isinstance(value, Mapping):
+                try:
+                    value = cls.from_dict(value)
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"LossConfig.{f.name}: {exc}") from None
+            elif not isinstance(value, cls):
+                raise TypeError(f"LossConfig.{f.name} must be a {cls.__name__} or a dict of its "
+                                f"fields, got {type(value).__name__}")
+            setattr(self, f.name, value)
+
+
+_NESTED = {"stft": STFTLossConfig, "reconstruction": ReconLossConfig, "kl": KLLossConfig}
 
 
 def _values(config) -> tuple:

@@ -22,6 +22,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from .config import as_sizes
+from .tracing import tracing
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,10 @@ def _reject_unsupported(options: dict) -> None:
                 "MultiResolutionSTFTLoss as _stft_loss_fn to have it called as given")
 
 
+_SETTINGS = ("fft_sizes", "hop_sizes", "win_lengths", "window", "w_sc", "w_log_mag", "w_lin_mag",
+             "eps")
+
+
 class MultiResolutionSTFTLoss(torch.nn.Module):
     """Drop-in for ``auraloss.freq.MultiResolutionSTFTLoss`` (its supported options), computed by
     the selected backend. ``forward(input, target)`` takes ``[B, C, T]`` and returns a scalar."""
@@ -192,15 +197,32 @@ class MultiResolutionSTFTLoss(torch.nn.Module):
     ):
         super().__init__()
         _reject_unsupported(auraloss_options)
-        self.settings = make_settings(fft_sizes, hop_sizes, win_lengths, window,
-                                      w_sc, w_log_mag, w_lin_mag, eps)
-        s = self.settings
+        s = make_settings(fft_sizes, hop_sizes, win_lengths, window, w_sc, w_log_mag,
+                          w_lin_mag, eps)
         self.fft_sizes = [r.n_fft for r in s.resolutions]
         self.hop_sizes = [r.hop for r in s.resolutions]
         self.win_lengths = [r.win_length for r in s.resolutions]
         self.window, self.w_sc, self.w_log_mag, self.w_lin_mag, self.eps = (
             window, s.w_sc, s.w_log_mag, s.w_lin_mag, s.eps)
         self.backend = backend
+        self._settings, self._settings_key = s, self._current_key()
+
+    def _current_key(self) -> tuple:
+        return tuple(tuple(v) if isinstance(v, (list, tuple)) else v
+                     for v in (getattr(self, name) for name in _SETTINGS))
+
+    @property
+    def settings(self) -> MRSTFTSettings:
+        """The settings of the attributes as they are now: changing one (``m.w_sc = 0``,
+        ``m.fft_sizes = [...]``, in place or not) re-plans the loss at the next call, checked
+        as the constructor checks it."""
+        key = self._current_key()
+        if key != self._settings_key:
+            settings = make_settings(*(getattr(self, name) for name in _SETTINGS))
+            if tracing():  # windows made while tracing stay in the traced step
+                return settings
+            self._settings, self._settings_key = settings, key
+        return self._settings
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         from .backends import select_backend
