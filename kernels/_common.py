@@ -123,9 +123,9 @@ def reciprocal(count, ACC: tl.constexpr):
 
 @triton.jit
 def scaled_by(incoming, grad):
-    """``incoming * grad``, and exactly 0 where ``incoming == 0``: a term whose output no
-    gradient reaches sends nothing to the inputs, even where its own gradient is NaN or inf
-    (``0 * nan`` must not reach an input)."""
+    """``incoming * grad``, and exactly 0 where ``incoming == 0``, for a term that the
+    non-finite guard cuts off by sending it 0: it sends nothing to the inputs, even where its
+    own gradient is NaN or inf (``0 * nan`` must not reach an input)."""
     return tl.where(incoming != 0, incoming * grad, 0.0)
 
 

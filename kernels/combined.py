@@ -15,8 +15,12 @@ are 0), every input's gradient is a combination of per-term gradients::
     c_stft  = [MRSTFT >= 0] (g_stft + F w_stft g_total)
     c_kl    = g_kl + F kw g_total
 
-A zero coefficient gives exactly zero (``0 * nan`` never reaches an input): with ``F = 0`` the
-STFT and KL terms send nothing, and the gradients are ``recon``'s alone.
+A term sends exactly zero unless a present incoming gradient reaches it (the reconstruction
+terms through ``g_mag``/``g_if``/``g_recon``/``g_total``, the STFT term through ``g_stft`` or,
+where ``F = 1``, ``g_total``, the KL through ``g_kl`` or, where ``F = 1`` and ``kw > 0``,
+``g_total``): so ``0 * nan`` from a term outside the differentiated output never reaches an
+input, and with ``F = 0`` the total's gradients are ``recon``'s alone. A reached term is
+multiplied in as autograd would (a weight of 0 times a NaN gradient is NaN, as in the oracle).
 
 Launches per forward+backward (R resolutions; the default R = 3 gives 14, with the one that
 ``backward()`` makes for its seed gradient): forward ``_frame_kernel``, R ``rfft``,
@@ -37,7 +41,7 @@ import triton.language as tl
 from ..gradients import first_order_only
 from ..tracing import tracing
 from ._common import (ONE_PROGRAM, accumulator_dtype, empty, f64_parts, index_dtype, joined,
-                      kernel_op, scaled_by, tl_dtype, wrap_triton)
+                      kernel_op, tl_dtype, wrap_triton)
 from .kl import free_bits_kl_loop
 from .recon import BLOCK as RECON_BLOCK
 from .recon import (IF_EPS, _recon_partials_kernel, load_channels, recon_grads,
@@ -116,7 +120,7 @@ def _combined_backward_kernel(
     """Programs ``[0, n_recon_programs)``: ``recon`` (and ``target``) gradients, the STFT term's
     through the saved signal gradient ``unit``; the rest: ``mu``/``logvar`` gradients."""
     g_total = _incoming(g_total_ptr, HAS_G_TOTAL, ACC)
-    finite = tl.load(aux_ptr).to(ACC)
+    finite = tl.load(aux_ptr).to(ACC) != 0
     pid = tl.program_id(0)
     if pid < n_recon_programs:
         c_recon = _incoming(g_recon_ptr, HAS_G_RECON, ACC) + g_total
@@ -124,25 +128,27 @@ def _combined_backward_kernel(
         c_mag = (_incoming(g_mag_ptr, HAS_G_MAG, ACC)
                  + w_rec * joined(w_mag_hi, w_mag_lo, ACC) * c_recon)
         c_if = _incoming(g_if_ptr, HAS_G_IF, ACC) + w_rec * joined(w_if_hi, w_if_lo, ACC) * c_recon
-        from_total = tl.where(finite != 0, joined(w_stft_hi, w_stft_lo, ACC) * g_total, 0.0)
-        reaches_stft = _incoming(g_stft_ptr, HAS_G_STFT, ACC) + from_total
+        # The STFT term is reached by its own output, or by the total where the guard kept it.
+        stft_reached = HAS_G_STFT | (HAS_G_TOTAL & finite)
+        from_total = tl.where(finite, joined(w_stft_hi, w_stft_lo, ACC) * g_total, 0.0)
         # Through torch.clamp(min=0): 0 where MRSTFT < 0 or is NaN, yet multiplied in (0 * nan
-        # is nan, as in the oracle) wherever a gradient reaches the STFT term at all.
-        c_stft = tl.where(tl.load(aux_ptr + 1) != 0, reaches_stft, 0.0)
+        # is nan, as in the oracle) wherever the term is reached.
+        c_stft = tl.where(tl.load(aux_ptr + 1) != 0,
+                          _incoming(g_stft_ptr, HAS_G_STFT, ACC) + from_total, 0.0)
         index = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = index < n_elements
         rm, ri, tm, ti = load_channels(recon_ptr, target_ptr, index, mask, hw, width,
                                        r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw, ACC)
-        grad_rm, grad_ri, grad_tm = recon_grads(rm, ri, tm, ti, c_mag, c_if,
-                                                tl.load(aux_ptr + 2).to(ACC),
-                                                tl.load(aux_ptr + 3).to(ACC),
-                                                tl.load(aux_ptr + 4).to(ACC), n_elements,
-                                                joined(if_eps_hi, if_eps_lo, ACC), ACC)
+        grad_rm, grad_ri, grad_tm = recon_grads(
+            rm, ri, tm, ti, c_mag, c_if, tl.load(aux_ptr + 2).to(ACC),
+            tl.load(aux_ptr + 3).to(ACC), tl.load(aux_ptr + 4).to(ACC), n_elements,
+            joined(if_eps_hi, if_eps_lo, ACC), HAS_G_MAG | HAS_G_RECON | HAS_G_TOTAL,
+            HAS_G_IF | HAS_G_RECON | HAS_G_TOTAL, ACC)
         out = index + (index // hw) * hw  # contiguous [B, 2, H, W]
         if GRAD_RECON:
             if HAS_UNIT:
                 unit_x = tl.load(unit_ptr + index, mask=mask, other=0.0).to(ACC)
-                grad_rm += tl.where(reaches_stft != 0, c_stft * unit_x, 0.0)
+                grad_rm += tl.where(stft_reached, c_stft * unit_x, 0.0)
             dtype = grad_recon_ptr.dtype.element_ty
             tl.store(grad_recon_ptr + out, grad_rm.to(dtype), mask=mask)
             tl.store(grad_recon_ptr + out + hw, grad_ri.to(dtype), mask=mask)
@@ -150,21 +156,24 @@ def _combined_backward_kernel(
             if HAS_UNIT:
                 unit_y = tl.load(unit_ptr + unit_y_row0 * hw + index, mask=mask,
                                  other=0.0).to(ACC)
-                grad_tm += tl.where(reaches_stft != 0, c_stft * unit_y, 0.0)
+                grad_tm += tl.where(stft_reached, c_stft * unit_y, 0.0)
             dtype = grad_target_ptr.dtype.element_ty
             tl.store(grad_target_ptr + out, grad_tm.to(dtype), mask=mask)
             tl.store(grad_target_ptr + out + hw, (-grad_ri).to(dtype), mask=mask)
     else:
         kw = tl.load(kw_ptr).to(ACC)
-        c_kl = (_incoming(g_kl_ptr, HAS_G_KL, ACC)
-                + tl.where((finite != 0) & (kw > 0), kw * g_total, 0.0))
+        # Reached by its own output, or by the total where the guard kept it and kw > 0.
+        total_reaches_kl = HAS_G_TOTAL & finite & (kw > 0)
+        kl_reached = HAS_G_KL | total_reaches_kl
+        c_kl = _incoming(g_kl_ptr, HAS_G_KL, ACC) + tl.where(total_reaches_kl, kw * g_total,
+                                                             0.0)
         index = (pid - n_recon_programs).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = index < kl_numel
         g_mu = tl.load(kl_grad_mu_ptr + index, mask=mask, other=0.0).to(ACC)
         g_lv = tl.load(kl_grad_lv_ptr + index, mask=mask, other=0.0).to(ACC)
-        tl.store(grad_mu_ptr + index, scaled_by(c_kl, g_mu).to(
+        tl.store(grad_mu_ptr + index, tl.where(kl_reached, c_kl * g_mu, 0.0).to(
             grad_mu_ptr.dtype.element_ty), mask=mask)
-        tl.store(grad_logvar_ptr + index, scaled_by(c_kl, g_lv).to(
+        tl.store(grad_logvar_ptr + index, tl.where(kl_reached, c_kl * g_lv, 0.0).to(
             grad_logvar_ptr.dtype.element_ty), mask=mask)
 
 
@@ -330,6 +339,9 @@ def device_kl_weight(kl_weight, device) -> torch.Tensor:
         # An addition, not torch.full: torch.compile passes a float as a graph input, which
         # arithmetic keeps symbolic (torch.full would specialize the graph on its value).
         return torch.zeros((), dtype=torch.float64, device=device) + kl_weight
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # Filled by a captured kernel, so only once the graph replays: not for the cache.
+        return torch.full((), kl_weight, dtype=torch.float64, device=device)
     key = (kl_weight, device)
     value = _KL_WEIGHTS.get(key)
     if value is None:

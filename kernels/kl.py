@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ..gradients import first_order_only
 from ._common import (ONE_PROGRAM, accumulator_dtype, empty, f64_parts, index_dtype, joined,
-                      kernel_op, reciprocal, tl_dtype, wrap_triton)
+                      kernel_op, reciprocal, scaled_by, tl_dtype, wrap_triton)
 
 BLOCK = 1024
 
@@ -93,8 +93,8 @@ def _kl_backward_kernel(
     grad_out = tl.load(grad_out_ptr).to(ACC)
     g_mu = tl.load(grad_mu_ptr + index, mask=mask, other=0.0)
     g_lv = tl.load(grad_logvar_ptr + index, mask=mask, other=0.0)
-    scale_mu = tl.where(grad_out != 0, g_mu * grad_out, 0.0)
-    scale_lv = tl.where(grad_out != 0, g_lv * grad_out, 0.0)
+    scale_mu = scaled_by(grad_out, g_mu)
+    scale_lv = scaled_by(grad_out, g_lv)
     tl.store(out_mu_ptr + index, scale_mu.to(out_mu_ptr.dtype.element_ty), mask=mask)
     tl.store(out_logvar_ptr + index, scale_lv.to(out_logvar_ptr.dtype.element_ty), mask=mask)
 

@@ -42,7 +42,7 @@ import triton.language as tl
 
 from ..gradients import first_order_only
 from ._common import (ONE_PROGRAM, accumulator_dtype, empty, f64_parts, joined, kernel_op,
-                      reciprocal, scaled_by, signum, tl_dtype, wrap_triton)
+                      reciprocal, signum, tl_dtype, wrap_triton)
 
 IF_EPS = 1e-8
 BLOCK = 1024
@@ -140,17 +140,24 @@ def _recon_finalize_kernel(
 
 @triton.jit
 def recon_grads(rm, ri, tm, ti, g_mag, g_if, if_hi, if_lo, mean_tm, n_elements, if_eps,
-                ACC: tl.constexpr):
+                MAG: tl.constexpr, IF: tl.constexpr, ACC: tl.constexpr):
     """``(d/drm, d/dri, d/dtm)`` for incoming gradients ``g_mag``, ``g_if`` (d/dti = -d/dri).
-    A term whose incoming gradient is 0 contributes exactly 0 (``scaled_by``): a non-finite IF
-    weight (a NaN or inf in ``tm``) stays out of the magnitude term's gradient."""
+    A term that no gradient reaches (``MAG``/``IF`` false) contributes exactly 0; one that is
+    reached is multiplied in as autograd does it (a reached term with weight 0 sends
+    ``0 * nan = nan`` where its own gradient is NaN, as in the oracle)."""
     inv_n = reciprocal(n_elements, ACC)
-    if_scale = inv_n / (mean_tm + if_eps)
-    grad_rm = scaled_by(g_mag, inv_n * signum(rm - tm))
-    grad_ri = scaled_by(g_if, if_scale * signum(ri - ti) * tm)
-    gap = (tl.abs(ri.to(tl.float64) - ti.to(tl.float64)) - if_hi.to(tl.float64)
-           - if_lo.to(tl.float64))
-    grad_tm = -grad_rm + scaled_by(g_if, if_scale * gap.to(ACC))
+    grad_rm = tl.zeros_like(rm)
+    grad_ri = tl.zeros_like(rm)
+    grad_tm = tl.zeros_like(rm)
+    if MAG:
+        grad_rm = g_mag * (inv_n * signum(rm - tm))
+        grad_tm = -grad_rm
+    if IF:
+        if_scale = inv_n / (mean_tm + if_eps)
+        grad_ri = g_if * (if_scale * signum(ri - ti) * tm)
+        gap = (tl.abs(ri.to(tl.float64) - ti.to(tl.float64)) - if_hi.to(tl.float64)
+               - if_lo.to(tl.float64))
+        grad_tm += g_if * (if_scale * gap.to(ACC))
     return grad_rm, grad_ri, grad_tm
 
 
@@ -159,10 +166,12 @@ def _recon_backward_kernel(
     recon_ptr, target_ptr, stats_ptr, g_mag_ptr, g_if_ptr, grad_recon_ptr, grad_target_ptr,
     n_elements, hw, width, if_eps_hi, if_eps_lo,
     r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw,
-    TARGET_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_G_MAG: tl.constexpr, HAS_G_IF: tl.constexpr, TARGET_GRAD: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Gradients for ``recon`` (and ``target`` when ``TARGET_GRAD``), written contiguous
-    ``[B, 2, H, W]`` in the inputs' dtype. The scalars come in as tensors: no host sync."""
+    ``[B, 2, H, W]`` in the inputs' dtype, from the incoming gradients of the terms that one
+    reaches (``HAS_G_*``). The scalars come in as tensors: no host sync."""
     pid = tl.program_id(0)
     index = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = index < n_elements
@@ -172,7 +181,8 @@ def _recon_backward_kernel(
     grad_rm, grad_ri, grad_tm = recon_grads(
         rm, ri, tm, ti, tl.load(g_mag_ptr).to(ACC), tl.load(g_if_ptr).to(ACC),
         tl.load(stats_ptr).to(ACC), tl.load(stats_ptr + 1).to(ACC),
-        tl.load(stats_ptr + 2).to(ACC), n_elements, joined(if_eps_hi, if_eps_lo, ACC), ACC)
+        tl.load(stats_ptr + 2).to(ACC), n_elements, joined(if_eps_hi, if_eps_lo, ACC),
+        HAS_G_MAG, HAS_G_IF, ACC)
     b = index // hw
     out = index + b * hw  # contiguous [B, 2, H, W]: channel 0 at b*2hw + rest
     dtype = grad_recon_ptr.dtype.element_ty
@@ -221,20 +231,24 @@ def recon_terms_op(recon: torch.Tensor, target: torch.Tensor
 
 @kernel_op("distill_fused::recon_terms_backward", mutates_args=())
 def recon_terms_backward_op(recon: torch.Tensor, target: torch.Tensor, stats: torch.Tensor,
-                            grad_mag: torch.Tensor, grad_if: torch.Tensor, target_grad: bool
-                            ) -> Tuple[torch.Tensor, torch.Tensor]:
+                            grad_mag: Optional[torch.Tensor], grad_if: Optional[torch.Tensor],
+                            target_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``grad_mag``/``grad_if``: ``None`` for a term no gradient reaches."""
     acc = accumulator_dtype(recon, target)
     n, hw, width = _geometry(recon)
     grad_recon, grad_target = _backward_outputs(recon, target, target_grad)
     wrap_triton(_recon_backward_kernel)[(triton.cdiv(n, BLOCK),)](
-        recon, target, stats, grad_mag, grad_if, grad_recon, grad_target,
+        recon, target, stats, stats if grad_mag is None else grad_mag,
+        stats if grad_if is None else grad_if, grad_recon, grad_target,
         n, hw, width, *f64_parts(IF_EPS), *recon.stride(), *target.stride(),
+        HAS_G_MAG=grad_mag is not None, HAS_G_IF=grad_if is not None,
         TARGET_GRAD=target_grad, ACC=tl_dtype(acc), BLOCK=BLOCK)
     return grad_recon, grad_target
 
 
 def _setup_context(ctx, inputs, output):
     recon, target = inputs
+    ctx.set_materialize_grads(False)  # an unused term's gradient stays None: it sends nothing
     ctx.mark_non_differentiable(output[2])
     ctx.save_for_backward(recon, target, output[2])
     ctx.target_grad = ctx.needs_input_grad[1]

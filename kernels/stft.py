@@ -12,7 +12,8 @@ and its gradient, with ``D = Mx - My``, ``K`` the bins of ``r``, ``R`` resolutio
 
     dL/dMx = a_r D + c_log sign(ln Mx/My) / Mx + c_lin sign(D)
     dL/dMy = -a_r D - b_r My - c_log sign(ln Mx/My) / My - c_lin sign(D)
-      a_r = w_sc / (R ||D|| ||My||)  (0 where ||D|| = 0, as torch.norm's backward),  b_r = w_sc ||D|| / (R ||My||^3),
+      a_r = w_sc / (R ||D|| ||My||)  (0 where ||D|| = 0, as torch.norm's backward),
+      b_r = w_sc ||D|| / (R ||My||^3),
       c_log = w_log / (R K),  c_lin = w_lin / (R K)
     G = dL/dX = h_k dL/dMx X / Mx where |X|^2 >= eps, else 0 (the clamp holds)
     dL/dframe = irfft(G, norm="forward") * w,   h_k = 1/2 but for DC and Nyquist (irfft counts

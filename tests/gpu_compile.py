@@ -173,8 +173,9 @@ class Case:
     shape: str
     dtype: str = "f32"
     # fused: compute_combined_loss with create_stft_loss's module; custom-stft: with a
-    # MultiResolutionSTFTLoss of 4 resolutions, short windows and a linear term; callable-stft,
-    # tensor-kl-weight: the modular path; stft-module: create_stft_loss's module called alone.
+    # MultiResolutionSTFTLoss of 4 resolutions, short windows and a linear term; callable-stft:
+    # the modular path; tensor-kl-weight: kl_weight a tensor (read by the fused kernels);
+    # stft-module: create_stft_loss's module called alone.
     path: str = "fused"
     grouping: str = "per_resolution"
     target_grad: bool = False
@@ -207,7 +208,7 @@ def _cases() -> List[Case]:
               Case("user", path="tensor-kl-weight", target_grad=True),
               Case("user", path="custom-stft"), Case("user", path="custom-stft", grouping="shared"),
               Case("odd"), Case("odd", "bf16", target_grad=True),
-              Case("user", wide_index=True), Case("user", path="tensor-kl-weight", wide_index=True)]
+              Case("user", wide_index=True), Case("user", path="callable-stft", wide_index=True)]
     return cases
 
 

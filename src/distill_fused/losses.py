@@ -84,9 +84,10 @@ def _stft_term(loss_config: LossConfig, stft_loss_fn):
 
 
 def _same_settings(a: MRSTFTSettings, b: MRSTFTSettings) -> bool:
-    return (a.resolutions == b.resolutions
-            and (a.w_sc, a.w_log_mag, a.w_lin_mag, a.eps) == (b.w_sc, b.w_log_mag, b.w_lin_mag,
-                                                               b.eps)
+    def weights(s: MRSTFTSettings):
+        return s.w_sc, s.w_log_mag, s.w_lin_mag, s.eps
+
+    return (a.resolutions == b.resolutions and weights(a) == weights(b)
             and all(u is v for u, v in zip(a.windows, b.windows)))
 
 

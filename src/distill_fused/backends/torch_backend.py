@@ -109,8 +109,8 @@ def _mrstft_value_and_grads(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSe
     both = torch.cat([x, y])
     grad_rows = slice(0 if grad_x else signals, 2 * signals if grad_y else signals)
     n_res = len(settings.resolutions)
-    w_sc, w_log, w_lin = (w / n_res for w in (settings.w_sc, settings.w_log_mag,
-                                               settings.w_lin_mag))
+    weights = (settings.w_sc, settings.w_log_mag, settings.w_lin_mag)
+    w_sc, w_log, w_lin = (w / n_res for w in weights)
 
     loss = torch.zeros((), device=device, dtype=dtype)
     grad = None
