@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..gradients import first_order_only
+from ..gradients import first_order_only, scale_clamped_grad
 from ..tracing import tracing
 from ._common import ONE_PROGRAM, empty, kernel_op, reciprocal, signum, tl_dtype, wrap_triton
 
@@ -613,8 +613,7 @@ class _MRSTFTLoss(torch.autograd.Function):
     def backward(ctx, grad_output, _grad_loss, _grad_grad):
         loss, grad, x, y = ctx.saved_tensors
         shape, x_dtype, y_dtype = ctx.shapes
-        gate = grad_output if loss is None else torch.where(loss >= 0, grad_output, 0.0)
-        grad = torch.where(grad_output != 0, grad * gate.to(grad.dtype), 0.0)
+        grad = scale_clamped_grad(grad, grad_output, loss)
         if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
             gx, gy = grad.chunk(2)
         else:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..mrstft import MRSTFTSettings
 from ..tracing import tracing
-from ..gradients import first_order_only, scale_saved_grad
+from ..gradients import first_order_only, scale_clamped_grad, scale_saved_grad
 from .common import Combined, assemble_combined_loss, compute_dtype
 
 name = "torch"
@@ -193,8 +193,7 @@ class _MRSTFTLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, _grad_loss, _grad_grad):
         loss, grad, x, y = ctx.saved_tensors
-        gate = grad_output if loss is None else torch.where(loss >= 0, grad_output, 0.0)
-        grad = torch.where(grad_output != 0, grad * gate, 0.0)
+        grad = scale_clamped_grad(grad, grad_output, loss)
         if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
             gx, gy = grad.chunk(2)
         else:
