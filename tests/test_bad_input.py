@@ -124,3 +124,15 @@ def test_kl_weight_tensor_is_not_read_back(backend):
 def test_kl_weight_tensor_shape_and_device(kl_weight, device):
     with pytest.raises(ValueError, match="kl_weight"):
         compute_combined_loss(**good(), kl_weight=kl_weight.to(device))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
+def test_kl_weight_tensor_that_requires_grad_gets_the_kl(backend):
+    for value, expected in ((0.1, "kl_loss"), (-0.1, None)):
+        kl_weight = torch.tensor(value, dtype=torch.float64, requires_grad=True)
+        args = {k: v.double().requires_grad_() for k, v in good().items()}
+        out = compute_combined_loss(**args, kl_weight=kl_weight, backend=backend)
+        out["total_loss"].backward()
+        got = torch.zeros(()) if kl_weight.grad is None else kl_weight.grad.reshape(())
+        want = out[expected].detach() if expected else torch.zeros(())
+        assert torch.equal(got.double(), want.double())

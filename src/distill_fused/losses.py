@@ -104,8 +104,11 @@ def compute_combined_loss(
     nonfinite: Optional[str] = None,
 ) -> Dict[str, torch.Tensor]:
     """The combined VAE loss (see the module docstring) as a dict of 0-dim tensors with keys
-    ``total_loss, stft_loss, mag_recon_loss, if_recon_loss, kl_loss, recon_loss``.
+    ``total_loss, stft_loss, mag_recon_loss, if_recon_loss, kl_loss, recon_loss``, all in one
+    dtype (float64 if any input is, else float32).
 
+    ``kl_weight``: a Python float (NaN or inf is a ``ValueError``; <= 0 leaves the KL out), or
+    a one-element tensor, whose value is not checked (that would be a host sync).
     ``_stft_loss_fn``: this project's ``MultiResolutionSTFTLoss`` (``create_stft_loss``), an
     auraloss ``MultiResolutionSTFTLoss`` (run on the fast path when its settings allow, else
     called as given), any callable ``(input, target) -> loss``, or ``None`` for the config's.
@@ -114,6 +117,10 @@ def compute_combined_loss(
     ``nonfinite``: ``silent``, ``count`` or ``warn``, what to do beyond the fallback when the
     total is not finite (``distill_fused.nonfinite``); default: ``set_nonfinite_mode``'s, else
     the environment variable ``DISTILL_NONFINITE``, else ``silent``.
+
+    NaN and inf give the reference's non-finite values and gradients, element by element. The
+    ``torch`` and ``triton`` backends give first-order gradients only: differentiating their
+    gradients again raises ``RuntimeError`` (``reference`` computes it).
     """
     mode = nonfinite_mode(nonfinite)
     loss_config = as_loss_config(loss_config)
