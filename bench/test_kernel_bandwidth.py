@@ -59,8 +59,8 @@ def _stft_kernels(recon, target):
     plan = stft.make_plan(settings, b, h * w, DEVICE, torch.float32)
     x, y = recon[:, 0], target[:, 0]
     layout = [(1, w, (t.stride(0), 0, t.stride(1), t.stride(2))) for t in (x, y)]
-    frames = stft.frame_signals(x, y, *layout, plan)
-    spec = stft.spectra_of(frames, plan)
+    frames, spec = stft.frame_signals(x, y, *layout, plan)
+    spec = stft.spectra_of(frames, spec, plan)
     _, scalars = stft.mrstft_reduce_op(spec, plan.meta, plan.params, b, plan.n_res,
                                        plan.max_spec_tiles, list(plan.use_terms))
     scratch = spec.clone()

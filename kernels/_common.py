@@ -1,5 +1,5 @@
 """What every kernel module shares: op registration, output allocation (which the tests
-poison), accumulator dtypes, torch's sign, and the
+poison and guard), accumulator dtypes, torch's sign, and the
 scaling of a term's gradient by its incoming gradient.
 
 Loops whose bound is a runtime argument are written ``while i < n: ... i += step``, not
@@ -75,8 +75,9 @@ ONE_PROGRAM = {"num_warps": 8, "maxnreg": 255}
 
 
 def empty(shape, dtype, device) -> torch.Tensor:
-    """Every buffer a kernel writes is allocated here (tests replace it with a NaN-filled one
-    to prove that the kernels write every element they return)."""
+    """Every buffer a kernel writes is allocated here. The tests replace it: each buffer then
+    starts as NaN (an element a kernel skips shows up) inside guard bands that must stay
+    untouched (a store past either end fails the test)."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 

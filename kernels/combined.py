@@ -284,8 +284,9 @@ class _CombinedLoss(torch.autograd.Function):
         b, _, h, w = recon.shape
         plan = make_plan(settings, b, h * w, recon.device, stft_dtype(dtype))
         x, y = recon[:, 0], target[:, 0]
-        frames = frame_signals(x, y, _spectrogram_layout(x), _spectrogram_layout(y), plan)
-        spec = spectra_of(frames, plan)
+        frames, spec = frame_signals(x, y, _spectrogram_layout(x), _spectrogram_layout(y),
+                                     plan)
+        spec = spectra_of(frames, spec, plan)
         outs = combined_reduce_op(recon, target, mu, logvar, spec, plan.meta, plan.params, b,
                                   plan.n_res, plan.max_spec_tiles, list(plan.use_terms),
                                   _weights(loss_config), float(loss_config.kl.free_bits),

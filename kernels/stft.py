@@ -465,28 +465,34 @@ def _frames_adjoint_kernel(
 def stft_frames_op(x: torch.Tensor, y: torch.Tensor, x_strides: List[int],
                    y_strides: List[int], channels: int, width: int, signals: int, length: int,
                    meta: torch.Tensor, windows: torch.Tensor, frames_numel: int,
-                   max_tiles: int, n_res: int) -> torch.Tensor:
-    """The windowed frames of every resolution, x rows then y rows, in one flat buffer."""
+                   spec_numel: int, max_tiles: int, n_res: int
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The windowed frames of every resolution, x rows then y rows, in one flat buffer; and,
+    not yet written, the flat complex buffer of their spectra (``spectra_of`` fills it, the
+    gradient kernel writes over it): allocated here, as every buffer a kernel writes is, by a
+    launcher."""
     frames = empty((frames_numel,), windows.dtype, windows.device)
+    complex_dtype = torch.complex128 if windows.dtype == torch.float64 else torch.complex64
+    spec = empty((spec_numel,), complex_dtype, windows.device)
     wrap_triton(_frame_kernel)[(max_tiles, n_res)](
         x, y, frames, meta, windows, signals, length, channels, width, *x_strides, *y_strides,
         ACC=tl_dtype(windows.dtype), BLOCK=BLOCK)
-    return frames
+    return frames, spec
 
 
-def frame_signals(x: torch.Tensor, y: torch.Tensor, x_layout, y_layout, plan: STFTPlan):
-    """``x_layout``/``y_layout``: ``(channels, width, (s0, s1, s2, s3))`` (see the kernel)."""
+def frame_signals(x: torch.Tensor, y: torch.Tensor, x_layout, y_layout, plan: STFTPlan
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(frames, spectrum buffer)`` (see ``stft_frames_op``). ``x_layout``/``y_layout``:
+    ``(channels, width, (s0, s1, s2, s3))`` (see the kernel)."""
     channels, width, xs = x_layout
     _, _, ys = y_layout
     return stft_frames_op(x, y, list(xs), list(ys), channels, width, plan.signals, plan.length,
-                          plan.meta, plan.windows, plan.frames_numel, plan.max_frame_tiles,
-                          plan.n_res)
+                          plan.meta, plan.windows, plan.frames_numel, plan.spec_numel,
+                          plan.max_frame_tiles, plan.n_res)
 
 
-def spectra_of(frames: torch.Tensor, plan: STFTPlan) -> torch.Tensor:
-    """One ``rfft`` per FFT group, each written into its slot of one flat complex buffer."""
-    complex_dtype = torch.complex128 if frames.dtype == torch.float64 else torch.complex64
-    spec = torch.empty(plan.spec_numel, dtype=complex_dtype, device=frames.device)
+def spectra_of(frames: torch.Tensor, spec: torch.Tensor, plan: STFTPlan) -> torch.Tensor:
+    """One ``rfft`` per FFT group, each written into its slot of ``spec``, which it returns."""
     for fft_n, frame_start, spec_start, side_rows in plan.groups:
         rows = 2 * side_rows
         src = frames[frame_start:frame_start + rows * fft_n].view(rows, fft_n)
@@ -591,8 +597,9 @@ class _MRSTFTLoss(torch.autograd.Function):
         dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
         signals, length = x.shape[0] * x.shape[1], x.shape[2]
         plan = make_plan(settings, signals, length, x.device, stft_dtype(dtype))
-        frames = frame_signals(x, y, _signal_rows_layout(x), _signal_rows_layout(y), plan)
-        spec = spectra_of(frames, plan)
+        frames, spec = frame_signals(x, y, _signal_rows_layout(x), _signal_rows_layout(y),
+                                     plan)
+        spec = spectra_of(frames, spec, plan)
         loss, scalars = mrstft_reduce_op(spec, plan.meta, plan.params, signals, plan.n_res,
                                          plan.max_spec_tiles, list(plan.use_terms))
         grad = (signal_gradient(spec, frames, scalars, plan, grad_x, grad_y)
