@@ -30,6 +30,11 @@ def assemble_combined_loss(recon, target, mu, logvar, config, kl_weight, stft: S
     result (``compute_dtype`` of all four inputs, as the reference computes it), so that every
     output has that one dtype. No value is read back to the host."""
     dtype = compute_dtype(recon, target, mu, logvar)
+    # One cast per input (none where it has the dtype already), before the terms split: each
+    # input's gradient is then summed over the terms in ``dtype`` and rounded to the input's own
+    # dtype once, as the reference rounds it (casting per term would add half-precision
+    # gradients, rounded apart, and lose the digits where they cancel).
+    recon, target, mu, logvar = (t.to(dtype) for t in (recon, target, mu, logvar))
     batch = recon.shape[0]
 
     mag_loss, if_loss = recon_terms(recon, target, dtype)
