@@ -32,6 +32,8 @@ CASES = {
     "mu-1d": (with_(mu=torch.randn(B * D)), ValueError, "mu.*2-D"),
     "logvar-3d": (with_(logvar=torch.randn(B, D, 1)), ValueError, "logvar.*2-D"),
     "mu-logvar-mismatch": (with_(logvar=torch.randn(B, D + 1)), ValueError, "mu and logvar"),
+    "latent-dim-0": (with_(mu=torch.randn(B, 0), logvar=torch.randn(B, 0)), ValueError,
+                     "mu must have at least one latent dim"),
     "latent-batch-mismatch": (with_(mu=torch.randn(B + 1, D), logvar=torch.randn(B + 1, D)),
                               ValueError, "mu must be .B, D. with B = 2"),
     "integer-recon": (with_(recon=torch.randint(0, 5, (B, 2, H, W))), TypeError,
@@ -118,12 +120,31 @@ def test_kl_weight_tensor_is_not_read_back(backend):
     assert torch.isfinite(out["total_loss"])
 
 
-@pytest.mark.parametrize("kl_weight, device", [(torch.tensor([0.1, 0.2]), "cpu"),
-                                               (torch.tensor(0.1), "meta")],
-                         ids=["two-elements", "other-device"])
-def test_kl_weight_tensor_shape_and_device(kl_weight, device):
-    with pytest.raises(ValueError, match="kl_weight"):
-        compute_combined_loss(**good(), kl_weight=kl_weight.to(device))
+KL_WEIGHT_TENSORS = {
+    "two-elements": lambda: torch.tensor([0.1, 0.2]),
+    "empty": lambda: torch.tensor([]),
+    "other-device": lambda: torch.tensor(0.1, device="meta"),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
+@pytest.mark.parametrize("name", list(KL_WEIGHT_TENSORS))
+def test_kl_weight_tensor_shape_and_device(backend, name, monkeypatch):
+    import distill_fused.backends as backends
+    monkeypatch.setattr(backends, "select_backend", lambda *a, **k: pytest.fail("work done"))
+    monkeypatch.setattr("distill_fused.losses.select_backend",
+                        lambda *a, **k: pytest.fail("work done"))
+    with pytest.raises(ValueError, match=r"kl_weight must be a python float \(or a one-element "
+                                         r"tensor on the inputs' device\)"):
+        compute_combined_loss(**good(), kl_weight=KL_WEIGHT_TENSORS[name](), backend=backend)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA GPU present: CUDA variant skipped")
+def test_kl_weight_tensor_on_the_gpu_for_cpu_inputs():
+    with pytest.raises(ValueError, match="kl_weight must be a python float"):
+        compute_combined_loss(**good(), kl_weight=torch.tensor(0.1, device="cuda"))
 
 
 @pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
