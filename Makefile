@@ -7,7 +7,7 @@ PY36 := $(VENV36)/bin/python
 # Triton kernels run on CPU tensors through its interpreter when no GPU is present.
 export TRITON_INTERPRET ?= 1
 
-.PHONY: demo test bench render aot clean
+.PHONY: demo test bench render aot mutants clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt tools/install.sh
 	bash tools/install.sh $(VENV)
@@ -34,6 +34,10 @@ render: $(VENV)/.installed
 # The tables of every kernel specialization compiled for sm_90 and sm_80 (no GPU needed).
 aot: $(VENV)/.installed
 	env -u TRITON_INTERPRET $(PY) tests/gpu_compile.py --tables bench/results
+
+# Small edits of the package (tools/mutants.py) that the suite must catch: slow (not in CI).
+mutants: $(VENV)/.installed
+	$(PY) tools/mutants.py --record tests/MUTANTS.md
 
 clean:
 	rm -rf $(VENV) $(VENV36) build src/*.egg-info .pytest_cache .benchmarks

@@ -1,0 +1,328 @@
+"""Mutation check of the test suite: does it catch small, realistic bugs?
+
+Each mutant below is one edit (an exact string, replaced once) of the package, the kind of slip
+a reviewer could miss; every one changes a result a user sees. For each, this script copies the
+working tree to a scratch directory, applies the edit, runs the test suite there (stopping at
+the first failure, the test files most likely to catch it first) and reports the mutant as
+
+- ``caught``: a test failed;
+- ``SURVIVED``: the whole suite passed;
+- ``crashed``: pytest died (a segfault, say): not a deterministic catch;
+- ``invalid``: the edit did not apply once, or the suite could not be collected.
+
+A mutant that is not ``caught`` is a gap in the suite (or an equivalent mutant, to be dropped
+from the list). Usage (``make mutants``; too slow for CI: a survivor runs the whole suite)::
+
+    python tools/mutants.py [--only NAME ...] [--list] [--record tests/MUTANTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCH_BACKEND = "src/distill_fused/backends/torch_backend.py"
+COMMON = "src/distill_fused/backends/common.py"
+CHECKS = "src/distill_fused/checks.py"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    old: str
+    new: str
+    why: str
+    first: Tuple[str, ...] = ()  # test files run first (the rest of the suite follows)
+    occurrence: int = 1          # which occurrence of ``old`` is replaced (1-based)
+
+
+MUTANTS: List[Mutant] = [
+    # The free-bits floor: torch.clamp passes the gradient at k == free_bits.
+    Mutant("free-bits-boundary-torch", TORCH_BACKEND,
+           "active = (k >= free_bits)", "active = (k > free_bits)",
+           "no KL gradient for elements exactly on the free-bits floor",
+           ("tests/test_boundaries.py",)),
+    Mutant("free-bits-boundary-triton", "kernels/kl.py",
+           "active = (k >= free_bits).to(ACC)", "active = (k > free_bits).to(ACC)",
+           "no KL gradient for elements exactly on the free-bits floor",
+           ("tests/test_boundaries.py",)),
+    # The reflect padding folded back in the STFT adjoint (kernels/stft.py).
+    Mutant("reflect-near-edge", "kernels/stft.py",
+           "(t >= 1) & (t <= pad)", "(t >= 1) & (t < pad)",
+           "d/dx of the outermost near-boundary sample misses its reflected copy",
+           ("tests/test_boundaries.py",)),
+    Mutant("reflect-near-start", "kernels/stft.py",
+           "(t >= 1) & (t <= pad)", "(t >= 0) & (t <= pad)",
+           "sample 0 counted twice (it is not reflected)",
+           ("tests/test_boundaries.py",)),
+    Mutant("reflect-far-edge", "kernels/stft.py",
+           "(t >= length - 1 - pad)", "(t > length - 1 - pad)",
+           "d/dx of the outermost far-boundary sample misses its reflected copy",
+           ("tests/test_boundaries.py",)),
+    Mutant("reflect-far-end", "kernels/stft.py",
+           "(t <= length - 2)", "(t <= length - 1)",
+           "the last sample counted twice (it is not reflected)",
+           ("tests/test_boundaries.py",)),
+    Mutant("frame-reflect-far", "kernels/stft.py",
+           "u = tl.where(u >= length, 2 * (length - 1) - u, u)",
+           "u = tl.where(u > length, 2 * (length - 1) - u, u)",
+           "framing reads one sample past the signal instead of reflecting",
+           ("tests/test_boundaries.py",)),
+    # kl_weight <= 0 leaves the KL out, even a non-finite one (0 * inf must not get in).
+    Mutant("kl-gate-float-torch", COMMON,
+           "elif kl_weight > 0:", "elif kl_weight >= 0:",
+           "kl_weight = 0 lets 0 * inf = NaN into the total (then the fallback)",
+           ("tests/test_boundaries.py",)),
+    Mutant("kl-gate-tensor-torch", COMMON,
+           "torch.where(kl_weight > 0,", "torch.where(kl_weight >= 0,",
+           "a tensor kl_weight = 0 lets 0 * inf = NaN into the total",
+           ("tests/test_boundaries.py",)),
+    Mutant("kl-gate-triton", "kernels/combined.py",
+           "total += tl.where(kw > 0, kw * kl, 0.0)", "total += tl.where(kw >= 0, kw * kl, 0.0)",
+           "kl_weight = 0 lets 0 * inf = NaN into the fused kernel's total",
+           ("tests/test_boundaries.py",)),
+    Mutant("kl-gate-triton-backward", "kernels/combined.py",
+           "total_reaches_kl = HAS_G_TOTAL & finite & (kw > 0)",
+           "total_reaches_kl = HAS_G_TOTAL & finite",
+           "kl_weight < 0 sends a (negative) KL gradient to the latent",
+           ("tests/test_boundaries.py",)),
+    # Argument checks.
+    Mutant("check-latent-dim", CHECKS,
+           "if mu.shape[1] == 0:", "if False:",
+           "mu/logvar with latent dim 0 reach the backends",
+           ("tests/test_bad_input.py",)),
+    Mutant("check-kl-weight-numel", CHECKS,
+           "if kl_weight.numel() != 1 or", "if False or",
+           "a kl_weight tensor of several elements is let through",
+           ("tests/test_bad_input.py",)),
+    Mutant("check-kl-weight-device", CHECKS,
+           "kl_weight.device not in (recon.device, torch.device(\"cpu\"))", "False",
+           "a kl_weight tensor on another device is let through",
+           ("tests/test_bad_input.py",)),
+    # Off-by-one masks: every store past a buffer's end lands in the tests' guard band, every
+    # load past an input's end reads the NaN the tests put there.
+    Mutant("mask-recon-forward", "kernels/recon.py",
+           "mask = index < n_elements", "mask = index <= n_elements",
+           "the reconstruction sums read one element past the inputs",
+           ("tests/test_kernels.py",), occurrence=1),
+    Mutant("mask-recon-partials", "kernels/recon.py",
+           "mask = idx < n_programs", "mask = idx <= n_programs",
+           "the partial sums read one slot too many",
+           ("tests/test_kernels.py",)),
+    Mutant("mask-recon-backward", "kernels/recon.py",
+           "mask = index < n_elements", "mask = index <= n_elements",
+           "the reconstruction gradient writes one element past its buffer",
+           ("tests/test_kernels.py",), occurrence=2),
+    Mutant("mask-kl-forward", "kernels/kl.py",
+           "mask = index < n_elements", "mask = index <= n_elements",
+           "the KL reads (and writes its gradient) one element past mu/logvar",
+           ("tests/test_kernels.py",), occurrence=1),
+    Mutant("mask-kl-backward", "kernels/kl.py",
+           "mask = index < n_elements", "mask = index <= n_elements",
+           "the KL gradient's scaling writes one element past its buffer",
+           ("tests/test_kernels.py",), occurrence=2),
+    Mutant("mask-combined-recon-grad", "kernels/combined.py",
+           "mask = index < n_elements", "mask = index <= n_elements",
+           "the fused backward writes one reconstruction gradient too many",
+           ("tests/test_combined_loss.py",)),
+    Mutant("mask-combined-kl-grad", "kernels/combined.py",
+           "mask = index < kl_numel", "mask = index <= kl_numel",
+           "the fused backward writes one latent gradient too many",
+           ("tests/test_combined_loss.py",)),
+    Mutant("mask-frames", "kernels/stft.py",
+           "mask = e < 2 * signals * n_frames * fft_n",
+           "mask = e <= 2 * signals * n_frames * fft_n",
+           "the framing writes one frame sample too many",
+           ("tests/test_kernels.py",)),
+    Mutant("mask-spectral-partials", "kernels/stft.py",
+           "mask = e < count", "mask = e <= count",
+           "the spectral sums take one bin too many",
+           ("tests/test_kernels.py",)),
+    Mutant("mask-spectral-grad", "kernels/stft.py",
+           "mask = e < signals * n_frames * spec_row", "mask = e <= signals * n_frames * spec_row",
+           "the spectral gradient writes one bin too many",
+           ("tests/test_combined_loss.py",)),
+    Mutant("mask-frames-adjoint", "kernels/stft.py",
+           "mask = e < rows * length", "mask = e <= rows * length",
+           "the STFT adjoint writes one sample too many",
+           ("tests/test_kernels.py",)),
+    # Half precision: each input's gradient summed over the terms in float32, rounded once.
+    Mutant("half-grads-per-term", COMMON,
+           "    recon, target, mu, logvar = (t.to(dtype) for t in (recon, target, mu, logvar))\n",
+           "", "half-precision gradients rounded per term, then added in half precision",
+           ("tests/test_combined_loss.py",)),
+    # Formulas (the suite caught these before: kept so that it goes on catching them).
+    Mutant("if-eps", "kernels/recon.py",
+           "IF_EPS = 1e-8", "IF_EPS = 1e-6",
+           "the IF term's normaliser epsilon",
+           ("tests/test_kernels.py",)),
+    Mutant("half-spectrum-weight", "kernels/stft.py",
+           "(j == 0) | (2 * j == n_fft), 1.0, 0.5)", "(j == 0), 1.0, 0.5)",
+           "the Nyquist bin counted as an interior bin in the adjoint",
+           ("tests/test_stft_module.py",)),
+    Mutant("sc-target-term", TORCH_BACKEND,
+           "coef.addcmul_(m, -w_sc * num / den.pow(3))", "coef.addcmul_(m, -w_sc * num / den)",
+           "the spectral convergence gradient for the target",
+           ("tests/test_combined_loss.py",)),
+    Mutant("stft-clamp", TORCH_BACKEND,
+           "return (loss.clamp_min(0.0), loss, grad) if clamped",
+           "return (loss, loss, grad) if clamped",
+           "max(MRSTFT, 0) left out of the combined loss",
+           ("tests/test_nonfinite_semantics.py",)),
+    Mutant("fallback-guard", COMMON,
+           "total = torch.where(finite, total, recon_loss)",
+           "total = torch.where(finite, total, total)",
+           "a non-finite total returned instead of recon_loss",
+           ("tests/test_guard.py",)),
+    Mutant("log-mag-sign", TORCH_BACKEND,
+           "coef.add_(torch.sign(log_ratio).div_(m), alpha=sign * w_log / count)",
+           "coef.add_(torch.sign(log_ratio).div_(m), alpha=w_log / count)",
+           "the log-magnitude gradient's sign for the target",
+           ("tests/test_combined_loss.py",)),
+]
+
+
+def scratch_copy(dest: Path) -> None:
+    """The working tree as git sees it (tracked and untracked-but-not-ignored files), with the
+    kernels linked into the package (the editable install maps them from the repository)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
+                           check=True, capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    (dest / "src/distill_fused/kernels").symlink_to("../../kernels")
+
+
+def apply(mutant: Mutant, tree: Path) -> bool:
+    path = tree / mutant.path
+    text = path.read_text()
+    parts = text.split(mutant.old)
+    if len(parts) <= mutant.occurrence:
+        return False
+    i = mutant.occurrence
+    path.write_text(mutant.old.join(parts[:i]) + mutant.new + mutant.old.join(parts[i:]))
+    return True
+
+
+def run_suite(tree: Path, first, python: str, log: Path) -> int:
+    env = dict(os.environ, PYTHONPATH=str(tree / "src"), TRITON_INTERPRET="1",
+               PYTHONDONTWRITEBYTECODE="1")
+    # Every test file named, in order (the likely catchers first): pytest keeps that order.
+    rest = sorted(str(p.relative_to(tree)) for p in (tree / "tests").glob("test_*.py"))
+    files = list(first) + [name for name in rest if name not in first]
+    cmd = [python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *files]
+    with open(log, "w") as out:
+        return subprocess.run(cmd, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT
+                              ).returncode
+
+
+def first_failure(log: Path) -> str:
+    found = re.search(r"^(?:FAILED|ERROR) (\S+)", log.read_text(), re.M)
+    return found.group(1) if found else ""
+
+
+def check_mutant(mutant: Mutant, python: str, workdir: Path) -> Tuple[str, str, float]:
+    tree = workdir / mutant.name
+    scratch_copy(tree)
+    if not apply(mutant, tree):
+        return "invalid", f"{mutant.old!r} not found {mutant.occurrence} time(s)", 0.0
+    probe = subprocess.run(
+        [python, "-c", "import distill_fused.kernels, distill_fused; "
+         "print(distill_fused.kernels.__file__)"],
+        env=dict(os.environ, PYTHONPATH=str(tree / "src"), TRITON_INTERPRET="1"),
+        capture_output=True, text=True)
+    if str(tree) not in probe.stdout:
+        return "invalid", f"the scratch package did not import: {probe.stderr[-300:]}", 0.0
+    start = time.monotonic()
+    log = workdir / f"{mutant.name}.log"
+    rc = run_suite(tree, mutant.first, python, log)
+    elapsed = time.monotonic() - start
+    if rc == 1:
+        return "caught", first_failure(log), elapsed
+    if rc == 0:
+        return "SURVIVED", "", elapsed
+    if rc in (2, 3, 4, 5):
+        return "invalid", f"pytest exit {rc} (see {log})", elapsed
+    return "crashed", f"pytest exit {rc} (see {log})", elapsed
+
+
+def record(results, path: Path, python: str) -> None:
+    version = subprocess.run([python, "-c", "import torch, triton; "
+                              "print(f'torch {torch.__version__}, triton {triton.__version__}')"],
+                             capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    caught = sum(r[1] == "caught" for r in results)
+    lines = [
+        "# Mutation check of the test suite",
+        "",
+        f"`make mutants` (`tools/mutants.py`) at {commit}{' + changes' if dirty else ''}, "
+        f"{version}, TRITON_INTERPRET=1 on this CPU machine: **{caught} of {len(results)} "
+        "mutants caught**. Each is one edit of the package; the suite runs on it until a "
+        "test fails (the test named here is the first to fail).",
+        "",
+        "| mutant | file | what it breaks | result | first failing test | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mutant, status, detail, seconds in results:
+        lines.append(f"| {mutant.name} | `{mutant.path}` | {mutant.why} | {status} | "
+                     f"{detail.replace('|', '/')} | {seconds:.0f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="*", default=None, help="mutant names to run")
+    parser.add_argument("--list", action="store_true", help="list the mutants and stop")
+    parser.add_argument("--python", default=sys.executable,
+                        help="the interpreter whose environment runs the suite")
+    parser.add_argument("--record", type=Path, default=None,
+                        help="write the results as a markdown table here")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch copies and logs")
+    args = parser.parse_args()
+
+    chosen = [m for m in MUTANTS if args.only is None or m.name in args.only]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:28} {m.path}: {m.why}")
+        return 0
+    unknown = set(args.only or ()) - {m.name for m in MUTANTS}
+    if unknown:
+        parser.error(f"unknown mutants: {sorted(unknown)}")
+
+    workdir = Path(tempfile.mkdtemp(prefix="distill-mutants-"))
+    results = []
+    for mutant in chosen:
+        status, detail, seconds = check_mutant(mutant, args.python, workdir)
+        results.append((mutant, status, detail, seconds))
+        print(f"{mutant.name:28} {status:9} {seconds:6.0f} s  {detail}", flush=True)
+        if not args.keep:
+            shutil.rmtree(workdir / mutant.name, ignore_errors=True)
+            if status == "caught":
+                (workdir / f"{mutant.name}.log").unlink(missing_ok=True)
+    print(f"pytest logs of the mutants not caught{' and the scratch copies' if args.keep else ''}:"
+          f" {workdir}")
+    if args.record:
+        record(results, args.record, args.python)
+    missed = [r for r in results if r[1] != "caught"]
+    print(f"{len(results) - len(missed)} of {len(results)} caught")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
