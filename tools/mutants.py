@@ -265,13 +265,14 @@ def record(results, path: Path, python: str) -> None:
                              capture_output=True, text=True).stdout.strip()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.split()[1::2]
     caught = sum(r[1] == "caught" for r in results)
     lines = [
         "# Mutation check of the test suite",
         "",
-        f"`make mutants` (`tools/mutants.py`) at {commit}{' + changes' if dirty else ''}, "
+        f"`make mutants` (`tools/mutants.py`) at {commit}"
+        f"{' with uncommitted changes to ' + ', '.join(dirty) if dirty else ''}, "
         f"{version}, TRITON_INTERPRET=1 on this CPU machine: **{caught} of {len(results)} "
         "mutants caught**. Each is one edit of the package; the suite runs on it until a "
         "test fails (the test named here is the first to fail).",
