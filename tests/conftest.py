@@ -200,11 +200,11 @@ def assert_matches_oracle(batch64, backend, dtype, grad_target=False, key="total
         loss_tol = 1e-5
         _, ref32_grads = run_loss(batch64, "reference", dtype, grad_target, key, **kwargs)
         grad_tols = [max(1e-3, 2 * rel_err(g32, g)) for g32, g in zip(ref32_grads, ref_grads)]
-    for key in LOSS_KEYS:
-        assert out[key].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-        assert out[key].shape == ()
-        err = rel_err(out[key], ref_out[key])
-        assert err <= loss_tol, f"{key}: relative error {err:.3g} > {loss_tol:g}"
+    for loss in LOSS_KEYS:
+        assert out[loss].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert out[loss].shape == ()
+        err = rel_err(out[loss], ref_out[loss])
+        assert err <= loss_tol, f"{loss}: relative error {err:.3g} > {loss_tol:g}"
     names = ("recon", "target", "mu", "logvar")
     for name, g, g_ref, tol in zip(names, grads, ref_grads, grad_tols):
         assert g.dtype == dtype
