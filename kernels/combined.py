@@ -73,19 +73,25 @@ def _combined_epilogue_kernel(
     stft = tl.where(mrstft < 0, 0.0, mrstft)  # torch.clamp(min=0): NaN stays NaN
     mag, if_loss, if_hi, if_lo, mean_tm = recon_terms_from_partials(
         recon_partials_ptr, n_recon_programs, n_elements, if_eps_hi, if_eps_lo, ACC, BLOCK)
-    recon = joined(w_rec_hi, w_rec_lo, ACC) * (joined(w_mag_hi, w_mag_lo, ACC) * mag
-                                               + joined(w_if_hi, w_if_lo, ACC) * if_loss)
     kl = free_bits_kl_loop(mu_ptr, logvar_ptr, grad_mu_ptr, grad_logvar_ptr, kl_numel,
                            latent_dim, mu_sb, mu_sd, lv_sb, lv_sd, fb_hi, fb_lo, WRITE_KL_GRAD,
                            ACC, BLOCK, KL_INDEX)
-    total = joined(w_stft_hi, w_stft_lo, ACC) * stft + recon
-    kw = tl.load(kw_ptr).to(ACC)
-    total += tl.where(kw > 0, kw * kl, 0.0)  # the KL term is left out for kl_weight <= 0
+    # The weighted sums in fp64 (mag and if come in fp64), each output rounded once: the IF
+    # term may be negative, and recon or the total cancel to a small part of their terms.
+    recon64 = joined(w_rec_hi, w_rec_lo, tl.float64) * (
+        joined(w_mag_hi, w_mag_lo, tl.float64) * mag
+        + joined(w_if_hi, w_if_lo, tl.float64) * if_loss)
+    total64 = joined(w_stft_hi, w_stft_lo, tl.float64) * stft.to(tl.float64) + recon64
+    kw = tl.load(kw_ptr).to(tl.float64)
+    # The KL term is left out for kl_weight <= 0.
+    total64 += tl.where(kw > 0, kw * kl.to(tl.float64), 0.0)
+    total = total64.to(ACC)
+    recon = recon64.to(ACC)
     finite = (total == total) & (tl.abs(total) != float("inf"))
     tl.store(total_ptr, tl.where(finite, total, recon))
     tl.store(stft_ptr, stft)
-    tl.store(mag_ptr, mag)
-    tl.store(if_ptr, if_loss)
+    tl.store(mag_ptr, mag.to(ACC))
+    tl.store(if_ptr, if_loss.to(ACC))
     tl.store(kl_ptr, kl)
     tl.store(recon_ptr, recon)
     tl.store(aux_ptr, finite.to(ACC))

@@ -18,7 +18,10 @@ there a float32 computation keeps few correct digits, and two float32 computatio
 the oracle's) disagree at random. So the IF products are summed exactly (fp32 products are
 exact in fp64), ``if`` is carried to about fp64 accuracy as ``if_hi + if_lo`` (``if_hi`` in
 the accumulator dtype, ``if_lo`` the residual, found with fp64 multiplies, no fp64 division),
-and the difference is taken in fp64.
+and the difference is taken in fp64. ``mag`` and ``if`` leave in fp64 too: the IF term is
+negative where ``tm`` is, and ``recon_loss = w (w_mag mag + w_if if)`` may cancel to a small
+part of its terms, so it is formed in fp64 and rounded once (by the caller, or the fused
+epilogue of ``combined.py``).
 
 Forward: ``_recon_partials_kernel`` (one tile per program, three partial sums each, in fp64:
 the IF sums run over a signed ``tm`` and can cancel) and ``_recon_finalize_kernel`` (one program
@@ -78,16 +81,17 @@ def _recon_partials_kernel(
     r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Program p sums tile p: ``partials[0|1|2, p] = S_mag, S_if, S_tm`` over its elements.
-    ``S_if`` and ``S_tm`` run over a signed ``tm`` and may cancel (the IF term is ill-conditioned
-    where mean(tm) is near 0), so the partials are always accumulated in fp64."""
+    """Program p sums tile p: ``partials[0|1|2, p] = S_mag, S_if, S_tm`` over its elements,
+    each element's term computed exactly in fp64 and summed there: ``S_if`` and ``S_tm`` run
+    over a signed ``tm`` and may cancel (the IF term is ill-conditioned where mean(tm) is near
+    0), and the weighted sum of the two terms may cancel too."""
     pid = tl.program_id(0)
     index = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = index < n_elements
     rm, ri, tm, ti = load_channels(recon_ptr, target_ptr, index, mask, hw, width,
                                    r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw, ACC)
     # One slot per program: the three stores are in range by construction (grid == n_programs).
-    tl.store(partials_ptr + pid, tl.sum(tl.abs(rm - tm).to(tl.float64), axis=0))
+    tl.store(partials_ptr + pid, tl.sum(tl.abs(rm.to(tl.float64) - tm.to(tl.float64)), axis=0))
     tl.store(partials_ptr + n_programs + pid,
              tl.sum(tl.abs(ri.to(tl.float64) - ti.to(tl.float64)) * tm.to(tl.float64), axis=0))
     tl.store(partials_ptr + 2 * n_programs + pid, tl.sum(tm.to(tl.float64), axis=0))
@@ -97,7 +101,9 @@ def _recon_partials_kernel(
 def recon_terms_from_partials(partials_ptr, n_programs, n_elements, if_eps_hi, if_eps_lo,
                               ACC: tl.constexpr, BLOCK: tl.constexpr):
     """(Inside a single program.) Fixed-order fp64 sums of the partials, then
-    ``(mag, if, if_hi, if_lo, M)`` in the accumulator dtype ``ACC``."""
+    ``(mag, if, if_hi, if_lo, M)``: ``mag`` and ``if`` in fp64 (the caller combines them
+    before rounding: the IF term may be negative and cancel the magnitude term), the rest in
+    the accumulator dtype ``ACC``."""
     s_mag = tl.zeros([BLOCK], dtype=tl.float64)
     s_if = tl.zeros([BLOCK], dtype=tl.float64)
     s_tm = tl.zeros([BLOCK], dtype=tl.float64)
@@ -111,15 +117,18 @@ def recon_terms_from_partials(partials_ptr, n_programs, n_elements, if_eps_hi, i
         start += BLOCK
     # The sums are exact enough in fp64. if = S_if / D with D = S_tm + N e = N (M + e): its
     # quotient in ACC, then the residual S_if - if_hi D in fp64 (no fp64 division routine in
-    # an fp32 program) for if_lo.
+    # an fp32 program) for if_lo. Likewise 1/N: in ACC, then one Newton step in fp64.
     inv_n = reciprocal(n_elements, ACC)
+    n64 = tl.cast(n_elements, tl.float64)
+    inv_n64 = inv_n.to(tl.float64) * (2.0 - n64 * inv_n.to(tl.float64))
     total_if = tl.sum(s_if, axis=0)
     total_tm = tl.sum(s_tm, axis=0)
-    denom = total_tm + tl.cast(n_elements, tl.float64) * joined(if_eps_hi, if_eps_lo, tl.float64)
+    denom = total_tm + n64 * joined(if_eps_hi, if_eps_lo, tl.float64)
     if_hi = total_if.to(ACC) / denom.to(ACC)
     if_lo = (total_if - if_hi.to(tl.float64) * denom).to(ACC) / denom.to(ACC)
-    mag = tl.sum(s_mag, axis=0).to(ACC) * inv_n
-    return mag, if_hi + if_lo, if_hi, if_lo, total_tm.to(ACC) * inv_n
+    mag = tl.sum(s_mag, axis=0) * inv_n64
+    if_loss = if_hi.to(tl.float64) + if_lo.to(tl.float64)
+    return mag, if_loss, if_hi, if_lo, total_tm.to(ACC) * inv_n
 
 
 @triton.jit
@@ -127,8 +136,8 @@ def _recon_finalize_kernel(
     partials_ptr, mag_ptr, if_ptr, stats_ptr, n_programs, n_elements, if_eps_hi, if_eps_lo,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One program: fixed-order sums of the partials, then ``mag``, ``if`` and the statistics
-    ``(if_hi, if_lo, M)`` the backward pass needs."""
+    """One program: fixed-order sums of the partials, then ``mag``, ``if`` (fp64) and the
+    statistics ``(if_hi, if_lo, M)`` the backward pass needs."""
     mag, if_loss, if_hi, if_lo, mean_tm = recon_terms_from_partials(
         partials_ptr, n_programs, n_elements, if_eps_hi, if_eps_lo, ACC, BLOCK)
     tl.store(mag_ptr, mag)
@@ -200,7 +209,7 @@ def _geometry(recon: torch.Tensor):
 
 def _forward_outputs(recon: torch.Tensor, target: torch.Tensor):
     acc = accumulator_dtype(recon, target)
-    return (empty((), acc, recon.device), empty((), acc, recon.device),
+    return (empty((), torch.float64, recon.device), empty((), torch.float64, recon.device),
             empty((3,), acc, recon.device))
 
 
@@ -213,8 +222,8 @@ def _backward_outputs(recon: torch.Tensor, target: torch.Tensor, target_grad: bo
 @kernel_op("distill_fused::recon_terms", mutates_args=())
 def recon_terms_op(recon: torch.Tensor, target: torch.Tensor
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(mag, if, stats)``: the two loss terms (0-dim) and ``stats = (if_hi, if_lo, M)`` for
-    backward."""
+    """``(mag, if, stats)``: the two loss terms (0-dim, fp64) and ``stats = (if_hi, if_lo, M)``
+    for backward."""
     acc = accumulator_dtype(recon, target)
     n, hw, width = _geometry(recon)
     n_programs = triton.cdiv(n, BLOCK)
@@ -273,9 +282,9 @@ class _ReconTerms(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
-def recon_terms(recon: torch.Tensor, target: torch.Tensor,
-                dtype: Optional[torch.dtype] = None):
+def recon_terms(recon: torch.Tensor, target: torch.Tensor):
     """``(mag_recon_loss, if_recon_loss)`` of ``[B, 2, H, W]`` tensors of any strides, computed
-    in the inputs' accumulator dtype and returned as ``dtype`` (default: that one)."""
+    in the inputs' accumulator dtype and returned unrounded, in float64 (round them after
+    combining them: the IF term may be negative and cancel the magnitude term)."""
     mag, if_loss, _ = _ReconTerms.apply(recon, target)
-    return mag.to(dtype or mag.dtype), if_loss.to(dtype or mag.dtype)
+    return mag, if_loss

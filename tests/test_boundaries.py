@@ -201,3 +201,43 @@ def test_each_term_alone_matches_the_oracle(backend, dtype, key, seed):
                "kl_loss": (2, 3), "recon_loss": (0, 1), "total_loss": (0, 1, 2, 3)}[key]
     for i, g in enumerate(grads):
         assert (g.abs().sum() > 0) == (i in reached), f"d{key}/d input {i}"
+
+
+# --------------------------------------------------------------------------------------------
+# Cancellation: the IF term is negative where the target's magnitudes are (sum |ri - ti| tm
+# < 0 < sum tm), and magnitude_weight set so that recon_loss = w (w_mag mag + w_if if) is 1e-5
+# of its terms. A float32 computation that rounds the terms before adding them loses 5 of its
+# 7 digits there (the float32 oracle does); the fast backends form it in float64.
+# --------------------------------------------------------------------------------------------
+
+def _cancelling_batch(seed, dtype):
+    recon, target, mu, logvar = (t.clone() for t in make_batch("noise", torch.float64, seed))
+    tm = target[:, 0]
+    tm += 0.05 - tm.mean()                       # mean(tm) = 0.05 > 0
+    gap = torch.where(tm < 0, 2.0, 0.1) * recon[:, 1].abs()
+    recon[:, 1] = target[:, 1] + gap              # |ri - ti| large where tm < 0: if < 0
+    batch = [t.to(dtype).double() for t in (recon, target, mu, logvar)]
+    ref, _ = run_loss(batch, "reference", torch.float64, loss_config=LossConfig(), kl_weight=0)
+    mag, if_loss = ref["mag_recon_loss"].item(), ref["if_recon_loss"].item()
+    assert if_loss < 0 < mag
+    config = LossConfig()
+    rc = config.reconstruction
+    rc.magnitude_weight = -rc.if_weight * if_loss / mag * (1 + 1e-5)
+    return batch, config
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("path", ["fused", "modular"])
+def test_recon_loss_that_cancels_keeps_float32_accuracy(backend, path, seed):
+    batch, config = _cancelling_batch(seed, torch.float32)
+    # A kl_weight tensor that requires grad takes the modular path on the triton backend.
+    kl_weight = 0.1 if path == "fused" else torch.tensor(0.1, requires_grad=True)
+    ref64, _ = run_loss(batch, "reference", torch.float64, loss_config=config,
+                        kl_weight=0.1)
+    ref32, _ = run_loss(batch, "reference", torch.float32, loss_config=config,
+                        kl_weight=0.1)
+    recon_parts = config.reconstruction.if_weight * abs(ref64["if_recon_loss"])
+    assert abs(ref64["recon_loss"]) < 2e-5 * recon_parts  # it does cancel
+    assert rel_err(ref32["recon_loss"], ref64["recon_loss"]) > 1e-5  # the case is hard
+    assert_matches_oracle(batch, backend, torch.float32, loss_config=config,
+                          kl_weight=kl_weight)

@@ -220,22 +220,24 @@ def mrstft_loss(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings,
 
 def recon_terms(recon: torch.Tensor, target: torch.Tensor,
                 dtype: Optional[torch.dtype] = None):
-    """``mean|rm - tm|`` and ``mean(|ri - ti| * tm) / (mean(tm) + 1e-8)`` in ``dtype`` (default:
-    ``compute_dtype`` of the two), through
-    autograd (a handful of passes over ``[B, H, W]``; the gradient for ``target`` comes for
-    free, and so does autograd's treatment of NaN and inf).
+    """``mean|rm - tm|`` and ``mean(|ri - ti| * tm) / (mean(tm) + 1e-8)`` of the inputs in
+    ``dtype`` (default: ``compute_dtype`` of the two), through autograd (a handful of passes over
+    ``[B, H, W]``; the gradient for ``target`` comes for free, and so does autograd's treatment
+    of NaN and inf).
 
-    The two IF sums run over a signed ``tm`` and may cancel (mean(tm) near 0 makes the term
-    ill-conditioned): they are accumulated in float64 wherever the device has it (not MPS)."""
+    The elementwise terms and their sums are computed, and the two terms returned unrounded,
+    in float64 wherever the device has it (not MPS: there in ``dtype``), exactly for float32
+    inputs: the IF sums run over a signed ``tm`` and may cancel (mean(tm) near 0 makes the
+    term ill-conditioned), and so may the weighted sum of the two terms, which the caller
+    forms before rounding."""
     dtype = dtype or compute_dtype(recon, target)
-    recon, target = recon.to(dtype), target.to(dtype)
-    rm, ri, tm, ti = recon[:, 0], recon[:, 1], target[:, 0], target[:, 1]
-    mag = (rm - tm).abs().mean()
     acc = dtype if recon.device.type == "mps" else torch.float64
+    recon, target = recon.to(dtype).to(acc), target.to(dtype).to(acc)
+    rm, ri, tm, ti = recon[:, 0], recon[:, 1], target[:, 0], target[:, 1]
     count = tm.numel()
-    weighted = ((ri - ti).abs() * tm).sum(dtype=acc) / count
-    if_loss = (weighted / (tm.sum(dtype=acc) / count + 1e-8)).to(dtype)
-    return mag, if_loss
+    mag = (rm - tm).abs().sum() / count
+    weighted = ((ri - ti).abs() * tm).sum() / count
+    return mag, weighted / (tm.sum() / count + 1e-8)
 
 
 class _FreeBitsKL(torch.autograd.Function):
