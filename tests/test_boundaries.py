@@ -13,6 +13,8 @@ from distill_fused import KLLossConfig, LossConfig, MultiResolutionSTFTLoss, STF
 
 DTYPES = [torch.float64, torch.float32]
 DTYPE_IDS = ["f64", "f32"]
+# Where the STFT term is not the point: two small resolutions (the interpreter is slow).
+SMALL_STFT = STFTLossConfig(fft_sizes=(128, 64), hop_sizes=(32, 16), win_lengths=(128, 50))
 
 # --------------------------------------------------------------------------------------------
 # The free-bits floor: k = -0.5 (1 + logvar - mu^2 - exp(logvar)) = mu^2 / 2 at logvar = 0, so
@@ -37,7 +39,7 @@ def _on_the_floor(batch):
 @pytest.mark.parametrize("key", ["total_loss", "kl_loss"])
 def test_free_bits_floor_passes_the_gradient(backend, dtype, key, seed):
     batch = _on_the_floor(make_batch("realistic", torch.float64, seed, latent_dim=8))
-    config = LossConfig(kl=FLOOR)
+    config = LossConfig(kl=FLOOR, stft=SMALL_STFT)
     _, grads = assert_matches_oracle(batch, backend, dtype, key=key, loss_config=config,
                                      kl_weight=1.0)
     on_floor = grads[2][:, ::2]
@@ -158,11 +160,11 @@ def test_kl_weight_off_beside_an_infinite_kl(backend, dtype, kl_weight, seed):
     recon, target, mu, logvar = make_batch("realistic", torch.float64, seed)
     logvar[0, 0] = 1e5  # exp overflows: kl_loss = inf
     kw = _kl_weight(kl_weight, dtype)
+    config = LossConfig(stft=SMALL_STFT)
     out, grads = assert_matches_oracle((recon, target, mu, logvar), backend, dtype,
-                                       grad_target=True, kl_weight=kw)
+                                       grad_target=True, loss_config=config, kl_weight=kw)
     assert torch.isinf(out["kl_loss"])
-    stft_weight = LossConfig().stft.weight
-    expected = stft_weight * out["stft_loss"] + out["recon_loss"]
+    expected = config.stft.weight * out["stft_loss"] + out["recon_loss"]
     assert torch.isfinite(out["total_loss"]) and out["total_loss"] != out["recon_loss"]
     torch.testing.assert_close(out["total_loss"], expected, rtol=1e-6, atol=0)
     assert torch.equal(grads[2], torch.zeros_like(grads[2]))
@@ -175,9 +177,12 @@ def test_kl_weight_on_with_an_infinite_kl_falls_back(backend, seed):
     the guard returns recon_loss."""
     recon, target, mu, logvar = make_batch("realistic", torch.float64, seed)
     logvar[0, 0] = 1e5
+    config = LossConfig(stft=SMALL_STFT)
     for kw in (1e-300, torch.tensor(1e-300, dtype=torch.float64)):
-        out, _ = run_loss((recon, target, mu, logvar), backend, kl_weight=kw)
-        ref, _ = run_loss((recon, target, mu, logvar), "reference", kl_weight=kw)
+        out, _ = run_loss((recon, target, mu, logvar), backend, loss_config=config,
+                          kl_weight=kw)
+        ref, _ = run_loss((recon, target, mu, logvar), "reference", loss_config=config,
+                          kl_weight=kw)
         assert torch.equal(out["total_loss"], out["recon_loss"])
         assert rel_err(out["total_loss"], ref["total_loss"]) <= 1e-10
 
@@ -193,7 +198,7 @@ def test_kl_weight_on_with_an_infinite_kl_falls_back(backend, seed):
 @pytest.mark.parametrize("key", LOSS_KEYS)
 def test_each_term_alone_matches_the_oracle(backend, dtype, key, seed):
     batch = _on_the_floor(make_batch("realistic", torch.float64, seed, width=69))
-    config = LossConfig(kl=FLOOR)
+    config = LossConfig(kl=FLOOR, stft=SMALL_STFT)
     config.stft.weight, config.reconstruction.if_weight = 2.0, 1.5
     out, grads = assert_matches_oracle(batch, backend, dtype, grad_target=True, key=key,
                                        loss_config=config, kl_weight=1.0)
