@@ -1,7 +1,9 @@
 """Where a comparison's edge decides the result: the free-bits floor, the reflect padding's
 outermost samples, ``kl_weight == 0`` beside a non-finite KL. Each case sits exactly on its
 boundary, so that ``>=`` written as ``>`` (or ``<=`` as ``<``) changes values or gradients the
-oracle checks (``make mutants`` applies such edits and expects these tests to fail)."""
+oracle checks (``make mutants`` applies such edits and expects these tests to fail). Also: each
+output checked on its own, not only through the total, and a ``recon_loss`` whose terms
+cancel."""
 
 import auraloss
 import pytest
