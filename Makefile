@@ -7,7 +7,7 @@ PY36 := $(VENV36)/bin/python
 # Triton kernels run on CPU tensors through its interpreter when no GPU is present.
 export TRITON_INTERPRET ?= 1
 
-.PHONY: demo test bench render aot mutants clean
+.PHONY: demo test test-triton39 test-triton36 bench render aot mutants clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt tools/install.sh
 	bash tools/install.sh $(VENV)
@@ -20,9 +20,18 @@ $(VENV36)/.installed: pyproject.toml constraints.txt constraints-triton36.txt to
 demo: $(VENV)/.installed
 	$(PY) -m distill_fused.demo
 
+# The two suites run side by side once both environments exist (set up one after the other):
+# each pytest keeps about one core busy (the Triton interpreter is single-threaded), and
+# --output-sync prints each suite's output whole when it ends.
 test: $(VENV)/.installed $(VENV36)/.installed
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-triton39 test-triton36
+
+test-triton39: $(VENV)/.installed
 	$(PY) -m pytest -q tests
-	$(PY36) -m pytest -q tests
+
+# Without the cache plugin: the two runs would write .pytest_cache at once.
+test-triton36: $(VENV36)/.installed
+	$(PY36) -m pytest -q -p no:cacheprovider tests
 
 bench: $(VENV)/.installed
 	$(PY) -m pytest -q bench -p no:cacheprovider
