@@ -7,7 +7,7 @@ PY36 := $(VENV36)/bin/python
 # Triton kernels run on CPU tensors through its interpreter when no GPU is present.
 export TRITON_INTERPRET ?= 1
 
-.PHONY: demo test test-triton39 test-triton36 bench render aot mutants clean
+.PHONY: demo test test-triton39 test-triton36 bench render aot costmodel mutants clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt tools/install.sh
 	bash tools/install.sh $(VENV)
@@ -43,6 +43,12 @@ render: $(VENV)/.installed
 # The tables of every kernel specialization compiled for sm_90 and sm_80 (no GPU needed).
 aot: $(VENV)/.installed
 	env -u TRITON_INTERPRET $(PY) tests/gpu_compile.py --tables bench/results
+
+# The cost model of a training step on an H100 (a prediction; no GPU needed), beside the
+# figures of the kernels before issue 13.
+costmodel: $(VENV)/.installed
+	env -u TRITON_INTERPRET $(PY) bench/costmodel.py --before bench/results/costmodel-h100-before.json \
+		--write bench/results/costmodel-h100.md
 
 # Small edits of the package (tools/mutants.py) that the suite must catch: slow (not in CI).
 mutants: $(VENV)/.installed
