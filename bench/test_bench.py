@@ -2,7 +2,6 @@
 per case and provider, side by side in one run (speed-ups are over ``reference`` of this run)."""
 
 import pytest
-import torch
 
 import harness
 

@@ -62,7 +62,7 @@ def _stft_kernels(recon, target):
     frames, spec = stft.frame_signals(x, y, *layout, plan)
     spec = stft.spectra_of(frames, spec, plan)
     _, scalars = stft.mrstft_reduce_op(spec, plan.meta, plan.params, b, plan.n_res,
-                                       plan.max_spec_tiles, list(plan.use_terms))
+                                       plan.spec_programs, list(plan.use_terms), plan.wide)
     scratch = spec.clone()
     f32, c64 = 4, 8
     signal = b * h * w * f32
@@ -71,15 +71,16 @@ def _stft_kernels(recon, target):
         ("stft_frame", lambda: stft.frame_signals(x, y, *layout, plan),
          plan.frames_numel * f32 + 2 * signal),
         ("stft_partials+epilogue", lambda: stft.mrstft_reduce_op(
-            spec, plan.meta, plan.params, b, plan.n_res, plan.max_spec_tiles,
-            list(plan.use_terms)), plan.spec_numel * c64),
+            spec, plan.meta, plan.params, b, plan.n_res, plan.spec_programs,
+            list(plan.use_terms), plan.wide), plan.spec_numel * c64),
         # Reads X and Y, writes G over X (in place, on a scratch copy of the spectra).
         ("stft_spectral_grad", lambda: stft.stft_spectral_grad_op(
-            scratch, plan.meta, scalars, plan.params, b, plan.n_res, plan.max_grad_tiles,
-            True, False, list(plan.use_terms)),
+            scratch, plan.meta, scalars, plan.params, b, plan.n_res, plan.grad_tiles,
+            True, False, list(plan.use_terms), plan.wide),
          plan.spec_numel * c64 + plan.spec_numel // 2 * c64),
         ("stft_frames_adjoint", lambda: stft.stft_frames_adjoint_op(
-            frames, plan.meta, plan.windows, plan.n_res, b, h * w, 0, 1, plan.max_cover),
+            frames, plan.meta, plan.windows, plan.n_res, b, h * w, 0, 1, plan.max_cover,
+            plan.wide),
          half_frames * f32 + signal),
     ]
 

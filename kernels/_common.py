@@ -11,6 +11,7 @@ to is in ``bench/results/aot-sm90.md``."""
 from __future__ import annotations
 
 import os
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -90,6 +91,49 @@ def index_dtype(block: int, *tensors: torch.Tensor):
                 for t in tensors)
     reach = max([reach] + [t.numel() for t in tensors])
     return tl.int32 if reach + block <= 2**31 - 1 else tl.int64
+
+
+# Indices below this bound take 32-bit index math with divisions by multiply-shift (``magic``,
+# exact below 2**30); past it, a kernel's ``WIDE`` flag selects 64-bit indices and divisions.
+INDEX_LIMIT = 2**30 - 1
+
+
+def past_index_limit(extent: int) -> bool:
+    """Whether indices up to ``extent`` need the 64-bit path (read at call time: the tests
+    lower the limit to take that path)."""
+    return extent > INDEX_LIMIT
+
+
+def is_wide(block: int, *tensors: torch.Tensor) -> bool:
+    """The ``WIDE`` flag of the kernels that divide by ``divide``: whether an element offset
+    of ``tensors`` (any strides) or a tile start, in tiles of ``block``, passes
+    ``INDEX_LIMIT``."""
+    reach = max(max(sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1,
+                    t.numel()) for t in tensors)
+    return past_index_limit(reach + block)
+
+
+def magic(divisor: int) -> Tuple[int, int]:
+    """``(m, s)`` such that ``n // divisor == (n * m) >> s`` for every ``0 <= n < 2**30``
+    (Granlund and Montgomery, "Division by invariant integers using multiplication", 1994,
+    theorem 4.2 with N = 30): ``s = 30 + ceil(log2 divisor)``, ``m = ceil(2**s / divisor)``,
+    so ``m < 2**31`` (an int32 meta table holds it) and the product fits in 61 bits."""
+    if divisor < 1:
+        raise ValueError(f"a divisor must be positive, got {divisor}")
+    shift = 30 + (divisor - 1).bit_length()
+    return -(-(1 << shift) // divisor), shift
+
+
+@triton.jit
+def divide(n, divisor, m, s, WIDE: tl.constexpr):
+    """``n // divisor`` for ``n >= 0``: with 32-bit index math (``WIDE`` false: ``n < 2**30``)
+    one 64-bit multiply and a shift by ``magic(divisor) = (m, s)``, computed on the host; a
+    division is a subroutine call of some 70 instructions on NVIDIA GPUs for 64-bit integers
+    and a sequence of some 20 for 32-bit ones. With ``WIDE`` (64-bit indices) a division."""
+    if WIDE:
+        return n // divisor
+    else:
+        return ((n.to(tl.int64) * m) >> s).to(tl.int32)
 
 
 def accumulator_dtype(*tensors: torch.Tensor) -> torch.dtype:

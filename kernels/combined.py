@@ -40,12 +40,12 @@ import triton.language as tl
 
 from ..gradients import first_order_only
 from ..tracing import tracing
-from ._common import (ONE_PROGRAM, accumulator_dtype, empty, f64_parts, index_dtype, joined,
-                      kernel_op, tl_dtype, wrap_triton)
+from ._common import (ONE_PROGRAM, accumulator_dtype, divide, empty, f64_parts, index_dtype,
+                      is_wide, joined, kernel_op, tl_dtype, wrap_triton)
 from .kl import free_bits_kl_loop
 from .recon import BLOCK as RECON_BLOCK
-from .recon import (IF_EPS, _recon_partials_kernel, load_channels, recon_grads,
-                    recon_terms_from_partials)
+from .recon import (IF_EPS, SUM_LAUNCH, _recon_partials_kernel, geometry, load_channels,
+                    recon_grads, recon_terms_from_partials, sum_programs, tile_start)
 from .stft import (BLOCK, frame_signals, launch_spectral_partials, make_plan,
                    mrstft_from_partials, signal_gradient, spectra_of, stft_dtype)
 
@@ -55,7 +55,7 @@ OUTPUTS = ("total_loss", "stft_loss", "mag_recon_loss", "if_recon_loss", "kl_los
 
 @triton.jit
 def _combined_epilogue_kernel(
-    stft_partials_ptr, meta_ptr, scalars_ptr, params_ptr, max_tiles, signals,
+    stft_partials_ptr, meta_ptr, scalars_ptr, params_ptr, n_stft_programs, signals,
     recon_partials_ptr, n_recon_programs, n_elements,
     mu_ptr, logvar_ptr, grad_mu_ptr, grad_logvar_ptr, kl_numel, latent_dim,
     mu_sb, mu_sd, lv_sb, lv_sd,
@@ -68,8 +68,9 @@ def _combined_epilogue_kernel(
 ):
     """One program: every output of spec steps 1-7, the per-resolution gradient scalars, the
     KL gradients, and ``aux = (F, [MRSTFT >= 0], if_hi, if_lo, M)`` for backward."""
-    mrstft = mrstft_from_partials(stft_partials_ptr, meta_ptr, scalars_ptr, max_tiles, signals,
-                                  params_ptr, USE_SC, USE_LOG, USE_LIN, ACC, BLOCK, N_RES)
+    mrstft = mrstft_from_partials(stft_partials_ptr, meta_ptr, scalars_ptr, n_stft_programs,
+                                  signals, params_ptr, USE_SC, USE_LOG, USE_LIN, ACC, BLOCK,
+                                  N_RES)
     stft = tl.where(mrstft < 0, 0.0, mrstft)  # torch.clamp(min=0): NaN stays NaN
     mag, if_loss, if_hi, if_lo, mean_tm = recon_terms_from_partials(
         recon_partials_ptr, n_recon_programs, n_elements, if_eps_hi, if_eps_lo, ACC, BLOCK)
@@ -114,14 +115,14 @@ def _combined_backward_kernel(
     recon_ptr, target_ptr, unit_ptr, aux_ptr, kl_grad_mu_ptr, kl_grad_lv_ptr,
     g_total_ptr, g_stft_ptr, g_mag_ptr, g_if_ptr, g_kl_ptr, g_recon_ptr,
     grad_recon_ptr, grad_target_ptr, grad_mu_ptr, grad_logvar_ptr,
-    n_elements, hw, width, r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw,
-    unit_y_row0, kl_numel, n_recon_programs,
+    n_elements, hw, hw_m, hw_s, width, width_m, width_s,
+    r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw, unit_y_row0, kl_numel, n_recon_programs,
     if_eps_hi, if_eps_lo, w_stft_hi, w_stft_lo, w_rec_hi, w_rec_lo, w_mag_hi, w_mag_lo,
     w_if_hi, w_if_lo, kw_ptr,
     HAS_G_TOTAL: tl.constexpr, HAS_G_STFT: tl.constexpr, HAS_G_MAG: tl.constexpr,
     HAS_G_IF: tl.constexpr, HAS_G_KL: tl.constexpr, HAS_G_RECON: tl.constexpr,
     GRAD_RECON: tl.constexpr, GRAD_TARGET: tl.constexpr, HAS_UNIT: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Programs ``[0, n_recon_programs)``: ``recon`` (and ``target``) gradients, the STFT term's
     through the saved signal gradient ``unit``; the rest: ``mu``/``logvar`` gradients."""
@@ -141,16 +142,17 @@ def _combined_backward_kernel(
         # is nan, as in the oracle) wherever the term is reached.
         c_stft = tl.where(tl.load(aux_ptr + 1) != 0,
                           _incoming(g_stft_ptr, HAS_G_STFT, ACC) + from_total, 0.0)
-        index = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        index = tile_start(pid, BLOCK, WIDE) + tl.arange(0, BLOCK)
         mask = index < n_elements
-        rm, ri, tm, ti = load_channels(recon_ptr, target_ptr, index, mask, hw, width,
-                                       r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw, ACC)
+        rm, ri, tm, ti = load_channels(recon_ptr, target_ptr, index, mask, hw, hw_m, hw_s,
+                                       width, width_m, width_s, r_sb, r_sc, r_sh, r_sw,
+                                       t_sb, t_sc, t_sh, t_sw, ACC, WIDE)
         grad_rm, grad_ri, grad_tm = recon_grads(
             rm, ri, tm, ti, c_mag, c_if, tl.load(aux_ptr + 2).to(ACC),
             tl.load(aux_ptr + 3).to(ACC), tl.load(aux_ptr + 4).to(ACC), n_elements,
             joined(if_eps_hi, if_eps_lo, ACC), HAS_G_MAG | HAS_G_RECON | HAS_G_TOTAL,
             HAS_G_IF | HAS_G_RECON | HAS_G_TOTAL, ACC)
-        out = index + (index // hw) * hw  # contiguous [B, 2, H, W]
+        out = index + divide(index, hw, hw_m, hw_s, WIDE) * hw  # contiguous [B, 2, H, W]
         if GRAD_RECON:
             if HAS_UNIT:
                 unit_x = tl.load(unit_ptr + index, mask=mask, other=0.0).to(ACC)
@@ -173,7 +175,7 @@ def _combined_backward_kernel(
         kl_reached = HAS_G_KL | total_reaches_kl
         c_kl = _incoming(g_kl_ptr, HAS_G_KL, ACC) + tl.where(total_reaches_kl, kw * g_total,
                                                              0.0)
-        index = (pid - n_recon_programs).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        index = tile_start(pid - n_recon_programs, BLOCK, WIDE) + tl.arange(0, BLOCK)
         mask = index < kl_numel
         g_mu = tl.load(kl_grad_mu_ptr + index, mask=mask, other=0.0).to(ACC)
         g_lv = tl.load(kl_grad_lv_ptr + index, mask=mask, other=0.0).to(ACC)
@@ -205,24 +207,26 @@ def _epilogue_outputs(recon, target, mu, logvar, n_res, write_kl_grad):
 @kernel_op("distill_fused::combined_reduce", mutates_args=())
 def combined_reduce_op(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor,
                        logvar: torch.Tensor, spec: torch.Tensor, meta: torch.Tensor,
-                       params: torch.Tensor, signals: int, n_res: int, max_tiles: int,
+                       params: torch.Tensor, signals: int, n_res: int, n_stft_programs: int,
                        use_terms: List[bool], weights: List[float], free_bits: float,
-                       kl_weight: torch.Tensor, write_kl_grad: bool) -> List[torch.Tensor]:
+                       kl_weight: torch.Tensor, write_kl_grad: bool,
+                       wide: bool) -> List[torch.Tensor]:
     """The six losses, then ``scalars [R, 4]``, ``aux [5]``, ``dkl/dmu``, ``dkl/dlogvar``:
     reconstruction partials, STFT partials, and the epilogue (three launches)."""
     acc = accumulator_dtype(recon, target, mu, logvar)
-    b, _, h, w = recon.shape
-    n = b * h * w
-    n_recon_programs = triton.cdiv(n, RECON_BLOCK)
+    n, *shape = geometry(recon)
+    n_recon_programs = sum_programs(n)
     recon_partials = empty((3, n_recon_programs), torch.float64, recon.device)
     wrap_triton(_recon_partials_kernel)[(n_recon_programs,)](
-        recon, target, recon_partials, n, h * w, w, n_recon_programs, *recon.stride(),
-        *target.stride(), ACC=tl_dtype(acc), BLOCK=RECON_BLOCK)
-    stft_partials = launch_spectral_partials(spec, meta, params, signals, n_res, max_tiles)
+        recon, target, recon_partials, n, n_recon_programs, *shape, *recon.stride(),
+        *target.stride(), ACC=tl_dtype(acc), BLOCK=RECON_BLOCK,
+        WIDE=is_wide(RECON_BLOCK, recon, target), **SUM_LAUNCH)
+    stft_partials = launch_spectral_partials(spec, meta, params, signals, n_res,
+                                             n_stft_programs, wide)
     outs = _epilogue_outputs(recon, target, mu, logvar, n_res, write_kl_grad)
     scalars, aux, grad_mu, grad_logvar = outs[6:]
     wrap_triton(_combined_epilogue_kernel)[(1,)](
-        stft_partials, meta, scalars, params, max_tiles, signals,
+        stft_partials, meta, scalars, params, n_stft_programs, signals,
         recon_partials, n_recon_programs, n,
         mu, logvar, grad_mu, grad_logvar, mu.numel(), mu.shape[1], *mu.stride(),
         *logvar.stride(), *outs[:6], aux,
@@ -251,8 +255,7 @@ def combined_backward_op(recon: torch.Tensor, target: torch.Tensor, mu: torch.Te
     """Gradients for ``recon``, ``target``, ``mu``, ``logvar`` (empty where not wanted), in one
     launch."""
     acc = aux.dtype
-    b, _, h, w = recon.shape
-    n = b * h * w
+    n, *shape = geometry(recon)
     outs = _backward_outputs(recon, target, mu, logvar_dtype, grad_recon, grad_target,
                              grad_latent)
     n_recon_programs = triton.cdiv(n, BLOCK) if (grad_recon or grad_target) else 0
@@ -267,13 +270,15 @@ def combined_backward_op(recon: torch.Tensor, target: torch.Tensor, mu: torch.Te
     wrap_triton(_combined_backward_kernel)[grid](
         recon, target, unit if unit is not None else aux, aux, kl_grad_mu, kl_grad_logvar,
         *[g if g is not None else dummy for g in grads], *outs,
-        n, h * w, w, *recon.stride(), *target.stride(), b if grad_recon else 0, kl_numel,
+        n, *shape, *recon.stride(), *target.stride(), recon.shape[0] if grad_recon else 0,
+        kl_numel,
         n_recon_programs, *f64_parts(IF_EPS), *_parts(weights), kl_weight,
         HAS_G_TOTAL=grads[0] is not None, HAS_G_STFT=grads[1] is not None,
         HAS_G_MAG=grads[2] is not None, HAS_G_IF=grads[3] is not None,
         HAS_G_KL=grads[4] is not None, HAS_G_RECON=grads[5] is not None,
         GRAD_RECON=grad_recon, GRAD_TARGET=grad_target, HAS_UNIT=unit is not None,
-        ACC=tl_dtype(acc), BLOCK=BLOCK, num_warps=8)
+        ACC=tl_dtype(acc), BLOCK=BLOCK, WIDE=is_wide(BLOCK, recon, target, mu),
+        num_warps=8)
     return outs
 
 
@@ -294,9 +299,9 @@ class _CombinedLoss(torch.autograd.Function):
                                      plan)
         spec = spectra_of(frames, spec, plan)
         outs = combined_reduce_op(recon, target, mu, logvar, spec, plan.meta, plan.params, b,
-                                  plan.n_res, plan.max_spec_tiles, list(plan.use_terms),
+                                  plan.n_res, plan.spec_programs, list(plan.use_terms),
                                   _weights(loss_config), float(loss_config.kl.free_bits),
-                                  kl_weight, grad_mu or grad_logvar)
+                                  kl_weight, grad_mu or grad_logvar, plan.wide)
         scalars, aux, kl_grad_mu, kl_grad_logvar = outs[6:]
         unit = None
         if grad_recon or grad_target:

@@ -32,7 +32,8 @@ written forward, 2N read + 2N written backward, against 4N forward and 4N read +
 backward) and keep a 2N buffer alive between the passes, so the gradient is left to the
 backward kernel.
 
-Inputs may have any strides (no copy is made); offsets are int64.
+Inputs may have any strides (no copy is made). Index math is 32-bit (divisions by
+multiply-shift, ``divide``) unless an input reaches past 2^31 elements (``WIDE``).
 """
 
 from __future__ import annotations
@@ -44,29 +45,37 @@ import triton
 import triton.language as tl
 
 from ..gradients import first_order_only
-from ._common import (ONE_PROGRAM, accumulator_dtype, empty, f64_parts, joined, kernel_op,
-                      reciprocal, signum, tl_dtype, wrap_triton)
+from ._common import (ONE_PROGRAM, accumulator_dtype, divide, empty, f64_parts, is_wide, joined,
+                      kernel_op, magic, reciprocal, signum, tl_dtype, wrap_triton)
 
 IF_EPS = 1e-8
 BLOCK = 1024
 FINAL_BLOCK = 1024
+# The sums run in at most this many programs, each summing every SUM_PROGRAMS-th tile: enough
+# to fill an H100's 132 SMs four times over, and a bounded number of partials to read after.
+SUM_PROGRAMS = 528
+# Their launch options: 8 warps (4 elements a thread), whose fp64 sums stay within 128
+# registers (at 4 warps they take up to 132: under 25% occupancy).
+SUM_LAUNCH = {"num_warps": 8}
 
 
 @triton.jit
-def _offsets(index, hw, width, s_b, s_h, s_w):
-    """Element offset of flat index ``index`` (over ``[B, H, W]``) in a strided tensor."""
-    b = index // hw
+def _offsets(index, hw, hw_m, hw_s, width, width_m, width_s, s_b, s_h, s_w, WIDE: tl.constexpr):
+    """Element offset of flat index ``index`` (over ``[B, H, W]``) in a strided tensor
+    (``hw_m, hw_s``: ``magic(hw)``; ``width_m, width_s``: ``magic(width)``)."""
+    b = divide(index, hw, hw_m, hw_s, WIDE)
     rest = index - b * hw
-    h = rest // width
+    h = divide(rest, width, width_m, width_s, WIDE)
     return b * s_b + h * s_h + (rest - h * width) * s_w
 
 
 @triton.jit
-def load_channels(recon_ptr, target_ptr, index, mask, hw, width,
-                  r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw, ACC: tl.constexpr):
+def load_channels(recon_ptr, target_ptr, index, mask, hw, hw_m, hw_s, width, width_m, width_s,
+                  r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw, ACC: tl.constexpr,
+                  WIDE: tl.constexpr):
     """``rm, ri, tm, ti`` at flat indices ``index`` over ``[B, H, W]``, as ``ACC``."""
-    r_off = _offsets(index, hw, width, r_sb, r_sh, r_sw)
-    t_off = _offsets(index, hw, width, t_sb, t_sh, t_sw)
+    r_off = _offsets(index, hw, hw_m, hw_s, width, width_m, width_s, r_sb, r_sh, r_sw, WIDE)
+    t_off = _offsets(index, hw, hw_m, hw_s, width, width_m, width_s, t_sb, t_sh, t_sw, WIDE)
     rm = tl.load(recon_ptr + r_off, mask=mask, other=0.0).to(ACC)
     ri = tl.load(recon_ptr + r_off + r_sc, mask=mask, other=0.0).to(ACC)
     tm = tl.load(target_ptr + t_off, mask=mask, other=0.0).to(ACC)
@@ -75,26 +84,46 @@ def load_channels(recon_ptr, target_ptr, index, mask, hw, width,
 
 
 @triton.jit
+def tile_start(tile, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    """The first flat index of tile ``tile`` (of ``BLOCK``), in the index dtype."""
+    if WIDE:
+        return tile.to(tl.int64) * BLOCK
+    else:
+        return tile * BLOCK
+
+
+@triton.jit
 def _recon_partials_kernel(
-    recon_ptr, target_ptr, partials_ptr,
-    n_elements, hw, width, n_programs,
+    recon_ptr, target_ptr, partials_ptr, n_elements, n_programs,
+    hw, hw_m, hw_s, width, width_m, width_s,
     r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """Program p sums tile p: ``partials[0|1|2, p] = S_mag, S_if, S_tm`` over its elements,
-    each element's term computed exactly in fp64 and summed there: ``S_if`` and ``S_tm`` run
-    over a signed ``tm`` and may cancel (the IF term is ill-conditioned where mean(tm) is near
-    0), and the weighted sum of the two terms may cancel too."""
-    pid = tl.program_id(0)
-    index = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = index < n_elements
-    rm, ri, tm, ti = load_channels(recon_ptr, target_ptr, index, mask, hw, width,
-                                   r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw, ACC)
+    """Program p sums tiles ``p, p + P, ...`` (``P = n_programs``), in that order:
+    ``partials[0|1|2, p] = S_mag, S_if, S_tm`` over their elements, each element's term
+    computed exactly in fp64 and summed there: ``S_if`` and ``S_tm`` run over a signed ``tm``
+    and may cancel (the IF term is ill-conditioned where mean(tm) is near 0), and the weighted
+    sum of the two terms may cancel too."""
+    program = tl.program_id(0)
+    s_mag = tl.zeros([BLOCK], dtype=tl.float64)
+    s_if = tl.zeros([BLOCK], dtype=tl.float64)
+    s_tm = tl.zeros([BLOCK], dtype=tl.float64)
+    start = tile_start(program, BLOCK, WIDE)
+    while start < n_elements:  # a while loop, not range(): see _common.py
+        index = start + tl.arange(0, BLOCK)
+        mask = index < n_elements
+        rm, ri, tm, ti = load_channels(recon_ptr, target_ptr, index, mask, hw, hw_m, hw_s,
+                                       width, width_m, width_s, r_sb, r_sc, r_sh, r_sw,
+                                       t_sb, t_sc, t_sh, t_sw, ACC, WIDE)
+        tm64 = tm.to(tl.float64)
+        s_mag += tl.abs(rm.to(tl.float64) - tm64)
+        s_if += tl.abs(ri.to(tl.float64) - ti.to(tl.float64)) * tm64
+        s_tm += tm64
+        start += n_programs * BLOCK
     # One slot per program: the three stores are in range by construction (grid == n_programs).
-    tl.store(partials_ptr + pid, tl.sum(tl.abs(rm.to(tl.float64) - tm.to(tl.float64)), axis=0))
-    tl.store(partials_ptr + n_programs + pid,
-             tl.sum(tl.abs(ri.to(tl.float64) - ti.to(tl.float64)) * tm.to(tl.float64), axis=0))
-    tl.store(partials_ptr + 2 * n_programs + pid, tl.sum(tm.to(tl.float64), axis=0))
+    tl.store(partials_ptr + program, tl.sum(s_mag, axis=0))
+    tl.store(partials_ptr + n_programs + program, tl.sum(s_if, axis=0))
+    tl.store(partials_ptr + 2 * n_programs + program, tl.sum(s_tm, axis=0))
 
 
 @triton.jit
@@ -173,27 +202,27 @@ def recon_grads(rm, ri, tm, ti, g_mag, g_if, if_hi, if_lo, mean_tm, n_elements, 
 @triton.jit
 def _recon_backward_kernel(
     recon_ptr, target_ptr, stats_ptr, g_mag_ptr, g_if_ptr, grad_recon_ptr, grad_target_ptr,
-    n_elements, hw, width, if_eps_hi, if_eps_lo,
+    n_elements, hw, hw_m, hw_s, width, width_m, width_s, if_eps_hi, if_eps_lo,
     r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw,
     HAS_G_MAG: tl.constexpr, HAS_G_IF: tl.constexpr, TARGET_GRAD: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Gradients for ``recon`` (and ``target`` when ``TARGET_GRAD``), written contiguous
     ``[B, 2, H, W]`` in the inputs' dtype, from the incoming gradients of the terms that one
     reaches (``HAS_G_*``). The scalars come in as tensors: no host sync."""
-    pid = tl.program_id(0)
-    index = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    index = tile_start(tl.program_id(0), BLOCK, WIDE) + tl.arange(0, BLOCK)
     mask = index < n_elements
-    rm, ri, tm, ti = load_channels(recon_ptr, target_ptr, index, mask, hw, width,
-                                   r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw, ACC)
+    rm, ri, tm, ti = load_channels(recon_ptr, target_ptr, index, mask, hw, hw_m, hw_s, width,
+                                   width_m, width_s, r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh,
+                                   t_sw, ACC, WIDE)
 
     grad_rm, grad_ri, grad_tm = recon_grads(
         rm, ri, tm, ti, tl.load(g_mag_ptr).to(ACC), tl.load(g_if_ptr).to(ACC),
         tl.load(stats_ptr).to(ACC), tl.load(stats_ptr + 1).to(ACC),
         tl.load(stats_ptr + 2).to(ACC), n_elements, joined(if_eps_hi, if_eps_lo, ACC),
         HAS_G_MAG, HAS_G_IF, ACC)
-    b = index // hw
-    out = index + b * hw  # contiguous [B, 2, H, W]: channel 0 at b*2hw + rest
+    # Contiguous [B, 2, H, W]: channel 0 of element (b, rest) at b*2hw + rest.
+    out = index + divide(index, hw, hw_m, hw_s, WIDE) * hw
     dtype = grad_recon_ptr.dtype.element_ty
     tl.store(grad_recon_ptr + out, grad_rm.to(dtype), mask=mask)
     tl.store(grad_recon_ptr + out + hw, grad_ri.to(dtype), mask=mask)
@@ -202,9 +231,16 @@ def _recon_backward_kernel(
         tl.store(grad_target_ptr + out + hw, (-grad_ri).to(dtype), mask=mask)
 
 
-def _geometry(recon: torch.Tensor):
+def geometry(recon: torch.Tensor):
+    """``(N, hw, magic(hw), width, magic(width))`` of ``[B, 2, H, W]``, as the kernels take
+    them (``hw, hw_m, hw_s, width, width_m, width_s`` after N)."""
     b, _, h, w = recon.shape
-    return b * h * w, h * w, w
+    return b * h * w, h * w, *magic(h * w), w, *magic(w)
+
+
+def sum_programs(n_elements: int) -> int:
+    """Programs of the reconstruction sums: one per tile, at most ``SUM_PROGRAMS``."""
+    return min(triton.cdiv(n_elements, BLOCK), SUM_PROGRAMS)
 
 
 def _forward_outputs(recon: torch.Tensor, target: torch.Tensor):
@@ -225,13 +261,13 @@ def recon_terms_op(recon: torch.Tensor, target: torch.Tensor
     """``(mag, if, stats)``: the two loss terms (0-dim, fp64) and ``stats = (if_hi, if_lo, M)``
     for backward."""
     acc = accumulator_dtype(recon, target)
-    n, hw, width = _geometry(recon)
-    n_programs = triton.cdiv(n, BLOCK)
+    n, *shape = geometry(recon)
+    n_programs = sum_programs(n)
     partials = empty((3, n_programs), torch.float64, recon.device)
     mag, if_loss, stats = _forward_outputs(recon, target)
     wrap_triton(_recon_partials_kernel)[(n_programs,)](
-        recon, target, partials, n, hw, width, n_programs, *recon.stride(), *target.stride(),
-        ACC=tl_dtype(acc), BLOCK=BLOCK)
+        recon, target, partials, n, n_programs, *shape, *recon.stride(), *target.stride(),
+        ACC=tl_dtype(acc), BLOCK=BLOCK, WIDE=is_wide(BLOCK, recon, target), **SUM_LAUNCH)
     wrap_triton(_recon_finalize_kernel)[(1,)](
         partials, mag, if_loss, stats, n_programs, n, *f64_parts(IF_EPS),
         ACC=tl_dtype(acc), BLOCK=FINAL_BLOCK, **ONE_PROGRAM)
@@ -244,14 +280,15 @@ def recon_terms_backward_op(recon: torch.Tensor, target: torch.Tensor, stats: to
                             target_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """``grad_mag``/``grad_if``: ``None`` for a term no gradient reaches."""
     acc = accumulator_dtype(recon, target)
-    n, hw, width = _geometry(recon)
+    n, *shape = geometry(recon)
     grad_recon, grad_target = _backward_outputs(recon, target, target_grad)
     wrap_triton(_recon_backward_kernel)[(triton.cdiv(n, BLOCK),)](
         recon, target, stats, stats if grad_mag is None else grad_mag,
         stats if grad_if is None else grad_if, grad_recon, grad_target,
-        n, hw, width, *f64_parts(IF_EPS), *recon.stride(), *target.stride(),
+        n, *shape, *f64_parts(IF_EPS), *recon.stride(), *target.stride(),
         HAS_G_MAG=grad_mag is not None, HAS_G_IF=grad_if is not None,
-        TARGET_GRAD=target_grad, ACC=tl_dtype(acc), BLOCK=BLOCK)
+        TARGET_GRAD=target_grad, ACC=tl_dtype(acc), BLOCK=BLOCK,
+        WIDE=is_wide(BLOCK, recon, target))
     return grad_recon, grad_target
 
 

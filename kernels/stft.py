@@ -23,16 +23,21 @@ and its gradient, with ``D = Mx - My``, ``K`` the bins of ``r``, ``R`` resolutio
 
 The path, one launch each: ``_frame_kernel`` (all resolutions, x and y, written straight into
 the rows ``rfft`` wants), one ``rfft`` per FFT group, ``_spectral_partials_kernel`` (all
-resolutions at once: per tile ``sum D^2, sum My^2, sum |ln Mx/My|, sum |D|``), an epilogue that
-sums the partials in a fixed order, ``_spectral_grad_kernel`` (G, written over X in place), one
-``irfft`` per FFT group (written over the frames), ``_frames_adjoint_kernel``. The gradient is
-computed in the forward pass: the spectra are freed at its end and only a ``[S, T]`` gradient is
-kept for backward, which scales it by the incoming gradient.
+resolutions at once: per program ``sum D^2, sum My^2, sum |ln Mx/My|, sum |D|`` over every
+P-th tile of its resolution), an epilogue that sums the partials in a fixed order,
+``_spectral_grad_kernel`` (G, written over X in place), one ``irfft`` per FFT group (written
+over the frames), ``_frames_adjoint_kernel``. The gradient is computed in the forward pass: the
+spectra are freed at its end and only a ``[S, T]`` gradient is kept for backward, which scales
+it by the incoming gradient.
 
 An FFT group is one resolution (``per_resolution``, the default) or, with
 ``DISTILL_FFT_GROUPING=shared``, every resolution whose n divides the group's FFT size m: its
 frames are zero-padded to m and its bin j read at bin ``(m/n) j`` (see ``fft_groups``).
-Per-resolution geometry lives in a small int64 device table (``meta``), built once per shape.
+Per-resolution geometry lives in a small device table (``meta``), built once per shape. Index
+math is 32-bit, its divisions a multiply and a shift by host-computed magic numbers
+(``_common.divide``), unless a buffer passes ``_common.INDEX_LIMIT`` elements (``WIDE``: 64-bit
+indices and divisions). Grids list every resolution's tiles one after the other (no program
+idles where resolutions differ in size, as under the shared grouping).
 """
 
 from __future__ import annotations
@@ -47,25 +52,49 @@ import triton.language as tl
 
 from ..gradients import first_order_only, scale_clamped_grad
 from ..tracing import tracing
-from ._common import ONE_PROGRAM, empty, kernel_op, reciprocal, signum, tl_dtype, wrap_triton
+from . import _common
+from ._common import (ONE_PROGRAM, divide, empty, is_wide, kernel_op, magic, past_index_limit,
+                      reciprocal, signum, tl_dtype, wrap_triton)
 
 BLOCK = 1024
-# Columns of the meta table: per resolution, its FFT size, hop, frame count, bins; where its
+# Columns of the meta table, per resolution: its FFT size, hop, frame count, bins; where its
 # rows start in the frame and spectrum buffers and how far the target's rows lie from the
 # input's (``*_SIDE``); its window; the FFT size its group runs (``FFT_N``) and the bin stride
-# that maps its bin j to bin ``STRIDE * j`` of that FFT.
+# that maps its bin j to bin ``STRIDE * j`` of that FFT; the first program of its tiles in the
+# framing and gradient grids (``*_TILE0``: the grids list every resolution's tiles one after the
+# other, so no program idles); and the ``magic`` pairs ``(m, s)`` of the divisors the kernels
+# divide by (``*_M``, ``*_S``).
 # They are ``tl.constexpr``: jit code may read a module global only if it is one (compiled
 # Triton raises NameError for a plain int; the interpreter does not check, the ahead-of-time
 # compile test does).
-(N_FFT, HOP, FRAMES, BINS, FRAME_OFF, FRAME_SIDE, SPEC_OFF, SPEC_SIDE, WIN_OFF, FFT_N,
- STRIDE, META) = (tl.constexpr(column) for column in range(12))
-# Launch options of the two heaviest grid kernels (``_spectral_grad_kernel``,
-# ``_frames_adjoint_kernel``): left to ptxas, at 4 warps (8 elements per thread) they take up
-# to 255 registers (and spill, or keep 2 programs per SM), and at 8 warps still up to 214 (B = 1
-# on sm_80, fp64 with both gradients). At 16 warps (2 elements per thread) capped at 128
-# registers, one program (16 warps) stays resident per SM, without spills (the compile test
-# checks both).
-GATHER = {"num_warps": 16, "maxnreg": 128}
+(N_FFT, HOP, FRAMES, BINS, FRAME_OFF, FRAME_SIDE, SPEC_OFF, SPEC_SIDE, WIN_OFF, FFT_N, STRIDE,
+ FRAME_TILE0, GRAD_TILE0, HOP_M, HOP_S, FRAMES_M, FRAMES_S, BINS_M, BINS_S, FFT_N_M, FFT_N_S,
+ SPEC_ROW_M, SPEC_ROW_S, STRIDE_M, STRIDE_S, META) = (tl.constexpr(column) for column in range(26))
+# The spectral sums run in a fixed number of programs per resolution, each summing every
+# PARTIAL_PROGRAMS-th tile: enough programs to fill an H100's 132 SMs four times over, and a
+# bounded number of partials for the one-program epilogue to read (R x 4 x 176 values).
+PARTIAL_PROGRAMS = 528
+# The framing kernel's tiles: BLOCK elements, FRAME_COLS columns (fewer where every FFT is
+# shorter) of BLOCK // FRAME_COLS frames.
+FRAME_COLS = 256
+# The adjoint's tiles: samples of one signal row per program.
+ADJOINT_BLOCK = 512
+
+
+def adjoint_warps(dtype: torch.dtype, wide: bool) -> int:
+    """Warps of the adjoint: 4 (4 samples a thread), 8 in float64 or with 64-bit indices,
+    which at 4 warps take up to 160 registers (19% occupancy) and spill on sm_80."""
+    return 8 if dtype == torch.float64 or wide else 4
+
+
+def spectral_warps(dtype: torch.dtype, sides: int = 1) -> int:
+    """Warps of the two kernels over the spectra: 4 (8 elements a thread), twice as many in
+    float64 and twice again for the gradients of both sides (x and y), so that each stays
+    within 128 registers (25% occupancy): with 8 elements a thread, float64 takes up to 255
+    and both sides up to 149."""
+    return 4 * (2 if dtype == torch.float64 else 1) * sides
+
+
 GROUPING_ENV = "DISTILL_FFT_GROUPING"
 GROUPINGS = ("per_resolution", "shared")
 
@@ -80,11 +109,13 @@ class STFTPlan:
     groups: Tuple[Tuple[int, int, int, int], ...]  # (fft_n, frame_start, spec_start, rows/side)
     frames_numel: int      # real elements of the frame buffer (all resolutions, x and y)
     spec_numel: int        # complex elements of the spectrum buffer
-    max_frame_tiles: int
-    max_spec_tiles: int    # tiles over a resolution's (row, bin) elements
-    max_grad_tiles: int    # tiles over a resolution's rows of its group's bins
+    frame_tiles: int       # programs of the framing grid (every resolution's tiles)
+    frame_tile: Tuple[int, int]  # (frames, columns) of a framing tile
+    grad_tiles: int        # programs of the spectral gradient grid
+    max_spec_tiles: int    # tiles of the spectral sums, over resolutions
     max_cover: int         # most frames covering one padded sample, over resolutions
-    meta: torch.Tensor     # int64 [R, META] on the device
+    wide: bool             # 64-bit index math (a buffer past ``INDEX_LIMIT`` elements)
+    meta: torch.Tensor     # [R, META] on the device: int32, int64 when ``wide``
     windows: torch.Tensor  # the windows, zero-padded to n_fft and concatenated
     params: torch.Tensor   # (w_sc, w_log, w_lin, eps) in the compute dtype, on the device
     use_terms: Tuple[bool, bool, bool]  # which weights are non-zero (terms auraloss computes)
@@ -92,6 +123,11 @@ class STFTPlan:
     @property
     def n_res(self) -> int:
         return len(self.resolutions)
+
+    @property
+    def spec_programs(self) -> int:
+        """Programs per resolution of the spectral sums (``PARTIAL_PROGRAMS`` in all)."""
+        return min(self.max_spec_tiles, triton.cdiv(PARTIAL_PROGRAMS, self.n_res))
 
 
 def fft_groups(fft_sizes, grouping: str) -> List[List[int]]:
@@ -136,16 +172,16 @@ def make_plan(settings, signals: int, length: int, device, dtype) -> STFTPlan:
     """The plan for these shapes in ``dtype`` (see ``stft_dtype``), built once and cached on
     ``settings``. The FFT grouping comes from ``DISTILL_FFT_GROUPING``."""
     grouping = fft_grouping()
-    key = ("triton-plan", signals, length, torch.device(device), dtype, grouping)
+    key = ("triton-plan", signals, length, torch.device(device), dtype, grouping,
+           _common.INDEX_LIMIT)
     plan = settings.cache.get(key)
     if plan is not None:
         return plan
     sizes = [r.n_fft for r in settings.resolutions]
     frames = [1 + (length + 2 * (r.n_fft // 2) - r.n_fft) // r.hop for r in settings.resolutions]
-    rows: List[Tuple[int, ...]] = [()] * len(sizes)
+    layout: List[Tuple[int, ...]] = [()] * len(sizes)  # per resolution: where its rows lie
     groups = []
     frame_start = spec_start = 0
-    max_frame_tiles = max_spec_tiles = max_grad_tiles = 0
     for members in fft_groups(sizes, grouping):
         fft_n = sizes[members[0]]
         spec_row = fft_n // 2 + 1
@@ -153,27 +189,39 @@ def make_plan(settings, signals: int, length: int, device, dtype) -> STFTPlan:
         groups.append((fft_n, frame_start, spec_start, side_rows))
         row = 0
         for i in members:
-            res, n = settings.resolutions[i], sizes[i]
-            rows[i] = (n, res.hop, frames[i], n // 2 + 1,
-                       frame_start + row * fft_n, side_rows * fft_n,
-                       spec_start + row * spec_row, side_rows * spec_row,
-                       sum(sizes[:i]), fft_n, fft_n // n)
+            layout[i] = (frame_start + row * fft_n, side_rows * fft_n,
+                         spec_start + row * spec_row, side_rows * spec_row, fft_n)
             row += signals * frames[i]
-            max_frame_tiles = max(max_frame_tiles,
-                                  triton.cdiv(2 * signals * frames[i] * fft_n, BLOCK))
-            max_spec_tiles = max(max_spec_tiles,
-                                 triton.cdiv(signals * frames[i] * (n // 2 + 1), BLOCK))
-            max_grad_tiles = max(max_grad_tiles, triton.cdiv(signals * frames[i] * spec_row,
-                                                             BLOCK))
         frame_start += 2 * side_rows * fft_n
         spec_start += 2 * side_rows * spec_row
+    # The grids list every resolution's tiles in resolution order (``_resolution_of``).
+    frame_cols = min(FRAME_COLS, triton.next_power_of_2(max(sizes)), BLOCK)
+    frame_rows = BLOCK // frame_cols
+    rows: List[Tuple[int, ...]] = []
+    frame_tiles = grad_tiles = max_spec_tiles = 0
+    for i, (n, res) in enumerate(zip(sizes, settings.resolutions)):
+        frame_off, frame_side, spec_off, spec_side, fft_n = layout[i]
+        bins, spec_row = n // 2 + 1, fft_n // 2 + 1
+        rows.append((n, res.hop, frames[i], bins, frame_off, frame_side, spec_off, spec_side,
+                     sum(sizes[:i]), fft_n, fft_n // n, frame_tiles, grad_tiles,
+                     *magic(res.hop), *magic(frames[i]), *magic(bins), *magic(fft_n),
+                     *magic(spec_row), *magic(fft_n // n)))
+        frame_tiles += 2 * (triton.cdiv(signals * frames[i], frame_rows)
+                            * triton.cdiv(fft_n, frame_cols))
+        grad_tiles += triton.cdiv(signals * frames[i] * spec_row, BLOCK)
+        max_spec_tiles = max(max_spec_tiles, triton.cdiv(signals * frames[i] * bins, BLOCK))
     windows = [settings.padded_window(i, "cpu", dtype) for i in range(len(sizes))]
+    # Real elements: the spectra are read as (re, im) pairs.
+    wide = past_index_limit(max(frame_start, 2 * spec_start) + BLOCK)
     plan = STFTPlan(
         signals=signals, length=length, resolutions=tuple(rows), groups=tuple(groups),
-        frames_numel=frame_start, spec_numel=spec_start, max_frame_tiles=max_frame_tiles,
-        max_spec_tiles=max_spec_tiles, max_grad_tiles=max_grad_tiles,
+        frames_numel=frame_start, spec_numel=spec_start, frame_tiles=frame_tiles,
+        frame_tile=(frame_rows, frame_cols),
+        grad_tiles=grad_tiles,
+        max_spec_tiles=max_spec_tiles,
         max_cover=max(-(-r.n_fft // r.hop) for r in settings.resolutions),
-        meta=torch.tensor(rows, dtype=torch.int64).to(device),
+        wide=wide,
+        meta=torch.tensor(rows, dtype=torch.int64 if wide else torch.int32).to(device),
         windows=torch.cat(windows).to(device),
         params=torch.tensor([settings.w_sc, settings.w_log_mag, settings.w_lin_mag, settings.eps],
                             dtype=dtype).to(device),
@@ -190,63 +238,81 @@ def make_plan(settings, signals: int, length: int, device, dtype) -> STFTPlan:
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _frame_geometry(meta_ptr, r):
-    """Resolution r's frame layout: ``n_fft, hop, frames, frame_off, frame_side, win_off,
-    fft_n`` (meta rows are in range by construction: ``r < R``)."""
-    row = meta_ptr + r * META
-    return (tl.load(row + N_FFT), tl.load(row + HOP), tl.load(row + FRAMES),
-            tl.load(row + FRAME_OFF), tl.load(row + FRAME_SIDE), tl.load(row + WIN_OFF),
-            tl.load(row + FFT_N))
+def _resolution_of(meta_ptr, pid, TILE0: tl.constexpr, N_RES: tl.constexpr):
+    """The resolution that program ``pid`` of a grid listing every resolution's tiles one
+    after the other works on (``TILE0``: the column of their first programs)."""
+    r = pid * 0
+    for k in tl.static_range(1, N_RES):
+        r += (pid >= tl.load(meta_ptr + k * META + TILE0)).to(tl.int32)
+    return r
+
+
+@triton.jit
+def _signal_offsets(s, u, channels, channels_m, channels_s, width, width_m, width_s,
+                    s0, s1, s2, s3, WIDE: tl.constexpr):
+    """Offsets of samples ``u`` (``[ROWS, COLS]``) of signal rows ``s`` (``[ROWS, 1]``) in a
+    tensor read as ``(s // channels)*s0 + (s % channels)*s1 + (u // width)*s2 + (u % width)*s3``."""
+    sb = divide(s, channels, channels_m, channels_s, WIDE)
+    th = divide(u, width, width_m, width_s, WIDE)
+    return sb * s0 + (s - sb * channels) * s1 + th * s2 + (u - th * width) * s3
 
 
 @triton.jit
 def _frame_kernel(
     x_ptr, y_ptr, frames_ptr, meta_ptr, win_ptr, signals, length, channels, width,
-    x_s0, x_s1, x_s2, x_s3, y_s0, y_s1, y_s2, y_s3,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    x_s0, x_s1, x_s2, x_s3, y_s0, y_s1, y_s2, y_s3, channels_m, channels_s, width_m, width_s,
+    ACC: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, N_RES: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     """``frames[r][side, s, f, c] = w_r[c] * sig_side[s, reflect(f*hop - n//2 + c)]``.
 
-    Grid ``(tiles, R)``. Sample ``t`` of row ``s`` is read at
-    ``(s // channels)*s0 + (s % channels)*s1 + (t // width)*s2 + (t % width)*s3``: any strides,
-    no copy of the inputs.
+    One program per ``[ROWS frames, COLS columns]`` tile of one side (x or y) of one
+    resolution, the tiles of every resolution one after the other: the frame's geometry is
+    computed once per row, the window once per column. Sample ``t`` of signal row ``s`` is
+    read at ``(s // channels)*s0 + (s % channels)*s1 + (t // width)*s2 + (t % width)*s3``: any
+    strides, no copy of the inputs. Divisions by multiply-shift (``divide``).
     """
-    r = tl.program_id(1)
-    n_fft, hop, n_frames, frame_off, frame_side, win_off, fft_n = _frame_geometry(meta_ptr, r)
-    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = e < 2 * signals * n_frames * fft_n
-    row = e // fft_n
-    c = e - row * fft_n
-    side = row // (signals * n_frames)
-    rest = row - side * signals * n_frames
-    s = rest // n_frames
-    f = rest - s * n_frames
-    in_frame = c < n_fft  # columns past n_fft: the zero padding of a shared, larger FFT
-    u = f * hop - n_fft // 2 + c
+    pid = tl.program_id(0)
+    r = _resolution_of(meta_ptr, pid, FRAME_TILE0, N_RES)
+    row_meta = meta_ptr + r * META  # in range by construction (r < R), as every meta row read
+    n_fft = tl.load(row_meta + N_FFT)
+    n_frames = tl.load(row_meta + FRAMES)
+    fft_n = tl.load(row_meta + FFT_N)
+    side_rows = signals * n_frames
+    col_tiles = (fft_n + COLS - 1) // COLS
+    side_tiles = (side_rows + ROWS - 1) // ROWS * col_tiles
+    tile = pid - tl.load(row_meta + FRAME_TILE0)
+    side = (tile >= side_tiles).to(tile.dtype)  # 0: x, 1: y
+    tile -= side * side_tiles
+    row_tile = tile // col_tiles  # once per program
+    rows = row_tile * ROWS + tl.arange(0, ROWS)
+    cols = (tile - row_tile * col_tiles) * COLS + tl.arange(0, COLS)
+    if WIDE:
+        rows = rows.to(tl.int64)
+        cols = cols.to(tl.int64)
+    s = divide(rows, n_frames, tl.load(row_meta + FRAMES_M),
+               tl.load(row_meta + FRAMES_S), WIDE)
+    first = (rows - s * n_frames) * tl.load(row_meta + HOP) - n_fft // 2
+    u = first[:, None] + cols[None, :]
     u = tl.where(u < 0, -u, u)
     u = tl.where(u >= length, 2 * (length - 1) - u, u)
-    sb = s // channels
-    sc = s - sb * channels
-    th = u // width
-    tw = u - th * width
-    is_x = side == 0
-    live = mask & in_frame
-    xv = tl.load(x_ptr + sb * x_s0 + sc * x_s1 + th * x_s2 + tw * x_s3, mask=live & is_x,
-                 other=0.0)
-    yv = tl.load(y_ptr + sb * y_s0 + sc * y_s1 + th * y_s2 + tw * y_s3, mask=live & (side == 1),
-                 other=0.0)
-    w = tl.load(win_ptr + win_off + c, mask=live, other=0.0)
-    value = tl.where(is_x, xv.to(ACC), yv.to(ACC)) * w
-    tl.store(frames_ptr + frame_off + side * frame_side + rest * fft_n + c, value, mask=mask)
-
-
-@triton.jit
-def _spectrum_geometry(meta_ptr, r):
-    """Resolution r's spectrum layout: ``n_fft, frames, spec_off, spec_side``, the bins of its
-    FFT group's rows and its bin stride there."""
-    row = meta_ptr + r * META
-    return (tl.load(row + N_FFT), tl.load(row + FRAMES), tl.load(row + SPEC_OFF),
-            tl.load(row + SPEC_SIDE), tl.load(row + FFT_N) // 2 + 1, tl.load(row + STRIDE))
+    mask = (rows < side_rows)[:, None] & (cols < fft_n)[None, :]
+    in_frame = cols < n_fft  # columns past n_fft: the zero padding of a shared, larger FFT
+    live = mask & in_frame[None, :]
+    if side == 0:
+        value = tl.load(x_ptr + _signal_offsets(s[:, None], u, channels, channels_m, channels_s,
+                                                width, width_m, width_s, x_s0, x_s1, x_s2,
+                                                x_s3, WIDE), mask=live, other=0.0).to(ACC)
+    else:
+        value = tl.load(y_ptr + _signal_offsets(s[:, None], u, channels, channels_m, channels_s,
+                                                width, width_m, width_s, y_s0, y_s1, y_s2,
+                                                y_s3, WIDE), mask=live, other=0.0).to(ACC)
+    w = tl.load(win_ptr + tl.load(row_meta + WIN_OFF) + cols, mask=in_frame,
+                other=0.0)
+    start = (tl.load(row_meta + FRAME_OFF)
+             + side * tl.load(row_meta + FRAME_SIDE))
+    tl.store(frames_ptr + start + rows[:, None] * fft_n + cols[None, :], value * w[None, :],
+             mask=mask)
 
 
 @triton.jit
@@ -261,36 +327,56 @@ def _magnitudes(spec_ptr, index, mask, eps):
 
 @triton.jit
 def _spectral_partials_kernel(
-    spec_ptr, partials_ptr, meta_ptr, params_ptr, signals, max_tiles,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    spec_ptr, partials_ptr, meta_ptr, params_ptr, signals, n_programs,
+    ACC: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """Grid ``(tiles, R)``: ``partials[r, tile] = (sum D^2, sum My^2, sum |ln Mx/My|, sum |D|)``
-    over the tile's (row, frame, bin) elements. Idle tiles of short resolutions write zeros."""
+    """Grid ``(P, R)``: program p of resolution r sums tiles ``p, p + P, p + 2P, ...`` of r's
+    (row, frame, bin) elements, in that order, into
+    ``partials[r, p] = (sum D^2, sum My^2, sum |ln Mx/My|, sum |D|)``."""
     r = tl.program_id(1)
-    tile = tl.program_id(0)
-    n_fft, n_frames, spec_off, spec_side, spec_row, stride = _spectrum_geometry(meta_ptr, r)
+    program = tl.program_id(0)
+    row_meta = meta_ptr + r * META
+    n_fft = tl.load(row_meta + N_FFT)
+    spec_off = tl.load(row_meta + SPEC_OFF)
+    spec_side = tl.load(row_meta + SPEC_SIDE)
+    spec_row = tl.load(row_meta + FFT_N) // 2 + 1
+    stride = tl.load(row_meta + STRIDE)
     bins = n_fft // 2 + 1
-    count = signals * n_frames * bins
-    e = tile.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = e < count
+    count = signals * tl.load(row_meta + FRAMES) * bins
+    bins_m = tl.load(row_meta + BINS_M)
+    bins_s = tl.load(row_meta + BINS_S)
     eps = tl.load(params_ptr + 3).to(ACC)
-    row = e // bins
-    x_index = spec_off + row * spec_row + (e - row * bins) * stride
-    _, _, _, py, my = _magnitudes(spec_ptr, x_index + spec_side, mask, eps)
-    _, _, _, _, mx = _magnitudes(spec_ptr, x_index, mask, eps)
-    diff = mx - my
-    log_ratio = tl.log(mx / my)
-    out = partials_ptr + (r * max_tiles + tile) * 4
-    # One slot per program: in range by construction (grid == (max_tiles, R)).
-    tl.store(out, tl.sum(tl.where(mask, diff * diff, 0.0), axis=0))
-    tl.store(out + 1, tl.sum(tl.where(mask, py, 0.0), axis=0))
-    tl.store(out + 2, tl.sum(tl.where(mask, tl.abs(log_ratio), 0.0), axis=0))
-    tl.store(out + 3, tl.sum(tl.where(mask, tl.abs(diff), 0.0), axis=0))
+    sum_d2 = tl.zeros([BLOCK], dtype=ACC)
+    sum_py = tl.zeros([BLOCK], dtype=ACC)
+    sum_log = tl.zeros([BLOCK], dtype=ACC)
+    sum_d = tl.zeros([BLOCK], dtype=ACC)
+    start = program * BLOCK
+    if WIDE:
+        start = start.to(tl.int64)
+    while start < count:  # a while loop, not range(): see _common.py
+        e = start + tl.arange(0, BLOCK)
+        mask = e < count
+        row = divide(e, bins, bins_m, bins_s, WIDE)
+        x_index = spec_off + row * spec_row + (e - row * bins) * stride
+        _, _, _, py, my = _magnitudes(spec_ptr, x_index + spec_side, mask, eps)
+        _, _, _, _, mx = _magnitudes(spec_ptr, x_index, mask, eps)
+        diff = mx - my
+        sum_d2 += tl.where(mask, diff * diff, 0.0)
+        sum_py += tl.where(mask, py, 0.0)
+        sum_log += tl.where(mask, tl.abs(tl.log(mx / my)), 0.0)
+        sum_d += tl.where(mask, tl.abs(diff), 0.0)
+        start += n_programs * BLOCK
+    out = partials_ptr + (r * n_programs + program) * 4
+    # One slot per program: in range by construction (grid == (P, R)).
+    tl.store(out, tl.sum(sum_d2, axis=0))
+    tl.store(out + 1, tl.sum(sum_py, axis=0))
+    tl.store(out + 2, tl.sum(sum_log, axis=0))
+    tl.store(out + 3, tl.sum(sum_d, axis=0))
 
 
 @triton.jit
 def mrstft_from_partials(
-    partials_ptr, meta_ptr, scalars_ptr, max_tiles, signals, params_ptr,
+    partials_ptr, meta_ptr, scalars_ptr, n_programs, signals, params_ptr,
     USE_SC: tl.constexpr, USE_LOG: tl.constexpr, USE_LIN: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr, N_RES: tl.constexpr,
 ):
@@ -307,11 +393,11 @@ def mrstft_from_partials(
     for r in tl.static_range(N_RES):
         acc = tl.zeros([4, BLOCK], dtype=ACC)
         start = 0
-        while start < max_tiles:
+        while start < n_programs:
             idx = start + tl.arange(0, BLOCK)
             q = tl.arange(0, 4)
-            ptrs = partials_ptr + (r * max_tiles + idx[None, :]) * 4 + q[:, None]
-            acc += tl.load(ptrs, mask=(idx < max_tiles)[None, :], other=0.0).to(ACC)
+            ptrs = partials_ptr + (r * n_programs + idx[None, :]) * 4 + q[:, None]
+            acc += tl.load(ptrs, mask=(idx < n_programs)[None, :], other=0.0).to(ACC)
             start += BLOCK
         sums = tl.sum(acc, axis=1)
         q = tl.arange(0, 4)
@@ -345,12 +431,12 @@ def mrstft_from_partials(
 
 @triton.jit
 def _mrstft_epilogue_kernel(
-    partials_ptr, meta_ptr, scalars_ptr, loss_ptr, max_tiles, signals, params_ptr,
+    partials_ptr, meta_ptr, scalars_ptr, loss_ptr, n_programs, signals, params_ptr,
     USE_SC: tl.constexpr, USE_LOG: tl.constexpr, USE_LIN: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr, N_RES: tl.constexpr,
 ):
     """One program: the MRSTFT value (the module's loss) and the gradient scalars."""
-    loss = mrstft_from_partials(partials_ptr, meta_ptr, scalars_ptr, max_tiles, signals,
+    loss = mrstft_from_partials(partials_ptr, meta_ptr, scalars_ptr, n_programs, signals,
                                 params_ptr, USE_SC, USE_LOG, USE_LIN, ACC, BLOCK, N_RES)
     tl.store(loss_ptr, loss)
 
@@ -360,23 +446,31 @@ def _spectral_grad_kernel(
     spec_ptr, meta_ptr, scalars_ptr, params_ptr, signals,
     GRAD_X: tl.constexpr, GRAD_Y: tl.constexpr,
     USE_SC: tl.constexpr, USE_LOG: tl.constexpr, USE_LIN: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr, N_RES: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """Grid ``(tiles, R)``: ``G = h dL/dM X / M`` (masked by the clamp), written over ``X``
-    (and over ``Y`` for the target's gradient). Each element is read and written by one
-    program, so the update in place is safe."""
-    r = tl.program_id(1)
-    n_fft, n_frames, spec_off, spec_side, spec_row, stride = _spectrum_geometry(meta_ptr, r)
-    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = e < signals * n_frames * spec_row
+    """One program per tile of a resolution's ``[S, F, bins of its FFT]`` elements (the
+    resolutions' tiles one after the other): ``G = h dL/dM X / M`` (masked by the clamp),
+    written over ``X`` (and over ``Y`` for the target's gradient). Each element is read and
+    written by one program, so the update in place is safe."""
+    pid = tl.program_id(0)
+    r = _resolution_of(meta_ptr, pid, GRAD_TILE0, N_RES)
+    row_meta = meta_ptr + r * META
+    n_fft = tl.load(row_meta + N_FFT)
+    spec_side = tl.load(row_meta + SPEC_SIDE)
+    spec_row = tl.load(row_meta + FFT_N) // 2 + 1
+    stride = tl.load(row_meta + STRIDE)
+    e = (pid - tl.load(row_meta + GRAD_TILE0)) * BLOCK + tl.arange(0, BLOCK)
+    mask = e < signals * tl.load(row_meta + FRAMES) * spec_row
     eps = tl.load(params_ptr + 3).to(ACC)
     # Every bin of the (shared) FFT row is written: bins that are not this resolution's
     # (not a multiple of the stride) get 0, so that the irfft sees only this resolution's G.
-    row = e // spec_row
+    row = divide(e, spec_row, tl.load(row_meta + SPEC_ROW_M),
+                 tl.load(row_meta + SPEC_ROW_S), WIDE)
     bin_ = e - row * spec_row
-    used = mask & (bin_ % stride == 0)
-    j = bin_ // stride
-    x_index = spec_off + row * spec_row + bin_
+    j = divide(bin_, stride, tl.load(row_meta + STRIDE_M),
+               tl.load(row_meta + STRIDE_S), WIDE)
+    used = mask & (bin_ == j * stride)
+    x_index = tl.load(row_meta + SPEC_OFF) + e
     xre, xim, px, _, mx = _magnitudes(spec_ptr, x_index, used, eps)
     yre, yim, py, _, my = _magnitudes(spec_ptr, x_index + spec_side, used, eps)
     a_r = tl.load(scalars_ptr + r * 4)
@@ -413,27 +507,43 @@ def _spectral_grad_kernel(
 
 @triton.jit
 def _frames_adjoint_kernel(
-    frames_ptr, meta_ptr, win_ptr, out_ptr, n_res, signals, length, rows, first_side,
-    max_cover, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    frames_ptr, meta_ptr, win_ptr, out_ptr, signals, length, first_side, t_tiles,
+    ACC: tl.constexpr, BLOCK: tl.constexpr, N_RES: tl.constexpr, MAX_COVER: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     """``out[row, t] = sum_r sum_{p -> t} sum_{f covers p} w_r[c] * dframe_r[f, c]``,
     ``c = p - f*hop``, over the padded positions ``p`` that reflect onto ``t``: ``t + pad``,
     ``pad - t`` (for ``1 <= t <= pad``) and ``pad + 2(T-1) - t`` (for ``T-1-pad <= t <= T-2``).
-    A gather in a fixed order: every output written once, bit-identical run to run."""
-    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = e < rows * length
-    row = e // length
-    t = e - row * length
+    One program per (row, tile of ``t``); only the programs whose tile reaches an edge make
+    the passes over the reflected positions. A gather in a fixed order: every output written
+    once, bit-identical run to run."""
+    pid = tl.program_id(0)
+    row = pid // t_tiles  # once per program
+    first = (pid - row * t_tiles) * BLOCK
+    if WIDE:
+        row = row.to(tl.int64)
+        first = first.to(tl.int64)
     side = first_side + row // signals
-    s = row - (side - first_side) * signals
+    s = row - (row // signals) * signals
+    t = first + tl.arange(0, BLOCK)
+    mask = t < length
     acc = tl.zeros([BLOCK], dtype=ACC)
-    r = 0
-    while r < n_res:  # a while loop, not range(): see _common.py
-        n_fft, hop, n_frames, frame_off, frame_side, win_off, fft_n = _frame_geometry(meta_ptr,
-                                                                                      r)
+    for r in tl.static_range(N_RES):
+        row_meta = meta_ptr + r * META
+        n_fft = tl.load(row_meta + N_FFT)
+        hop = tl.load(row_meta + HOP)
+        n_frames = tl.load(row_meta + FRAMES)
+        fft_n = tl.load(row_meta + FFT_N)
+        win_off = tl.load(row_meta + WIN_OFF)
+        hop_m = tl.load(row_meta + HOP_M)
+        hop_s = tl.load(row_meta + HOP_S)
         pad = n_fft // 2
-        base = frame_off + side * frame_side + s * n_frames * fft_n
-        for k in tl.static_range(3):
+        base = (tl.load(row_meta + FRAME_OFF)
+                + side * tl.load(row_meta + FRAME_SIDE) + s * n_frames * fft_n)
+        near_edge = (first <= pad) | (first + BLOCK - 1 >= length - 1 - pad)
+        passes = tl.where(near_edge, 3, 1)
+        k = 0
+        while k < passes:  # 0: t + pad; 1, 2: the positions reflected onto t at either edge
             if k == 0:
                 p = t + pad
                 valid = mask
@@ -443,18 +553,16 @@ def _frames_adjoint_kernel(
             else:
                 p = pad + 2 * (length - 1) - t
                 valid = mask & (t >= length - 1 - pad) & (t <= length - 2)
-            last = p // hop
-            j = 0
-            while j < max_cover:
+            last = divide(p, hop, hop_m, hop_s, WIDE)
+            for j in tl.static_range(MAX_COVER):  # the frames that may cover p: c < n_fft
                 f = last - j
                 c = p - f * hop
                 ok = valid & (f >= 0) & (f < n_frames) & (c < n_fft)
                 g = tl.load(frames_ptr + base + f * fft_n + c, mask=ok, other=0.0)
                 w = tl.load(win_ptr + win_off + c, mask=ok, other=0.0)
                 acc += g.to(ACC) * w
-                j += 1
-        r += 1
-    tl.store(out_ptr + e, acc, mask=mask)
+            k += 1
+    tl.store(out_ptr + row * length + t, acc, mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,7 +573,7 @@ def _frames_adjoint_kernel(
 def stft_frames_op(x: torch.Tensor, y: torch.Tensor, x_strides: List[int],
                    y_strides: List[int], channels: int, width: int, signals: int, length: int,
                    meta: torch.Tensor, windows: torch.Tensor, frames_numel: int,
-                   spec_numel: int, max_tiles: int, n_res: int
+                   spec_numel: int, tiles: int, tile: List[int], n_res: int, wide: bool
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The windowed frames of every resolution, x rows then y rows, in one flat buffer; and,
     not yet written, the flat complex buffer of their spectra (``spectra_of`` fills it, the
@@ -474,9 +582,10 @@ def stft_frames_op(x: torch.Tensor, y: torch.Tensor, x_strides: List[int],
     frames = empty((frames_numel,), windows.dtype, windows.device)
     complex_dtype = torch.complex128 if windows.dtype == torch.float64 else torch.complex64
     spec = empty((spec_numel,), complex_dtype, windows.device)
-    wrap_triton(_frame_kernel)[(max_tiles, n_res)](
+    wrap_triton(_frame_kernel)[(tiles,)](
         x, y, frames, meta, windows, signals, length, channels, width, *x_strides, *y_strides,
-        ACC=tl_dtype(windows.dtype), BLOCK=BLOCK)
+        *magic(channels), *magic(width), ACC=tl_dtype(windows.dtype), ROWS=tile[0],
+        COLS=tile[1], N_RES=n_res, WIDE=wide or is_wide(BLOCK, x, y))
     return frames, spec
 
 
@@ -488,7 +597,7 @@ def frame_signals(x: torch.Tensor, y: torch.Tensor, x_layout, y_layout, plan: ST
     _, _, ys = y_layout
     return stft_frames_op(x, y, list(xs), list(ys), channels, width, plan.signals, plan.length,
                           plan.meta, plan.windows, plan.frames_numel, plan.spec_numel,
-                          plan.max_frame_tiles, plan.n_res)
+                          plan.frame_tiles, list(plan.frame_tile), plan.n_res, plan.wide)
 
 
 def spectra_of(frames: torch.Tensor, spec: torch.Tensor, plan: STFTPlan) -> torch.Tensor:
@@ -518,26 +627,27 @@ def _real_dtype(spec: torch.Tensor) -> torch.dtype:
 
 
 def launch_spectral_partials(spec: torch.Tensor, meta: torch.Tensor, params: torch.Tensor,
-                             signals: int, n_res: int, max_tiles: int) -> torch.Tensor:
-    """``[R, max_tiles, 4]`` partial sums (inside a custom op: one launch)."""
+                             signals: int, n_res: int, n_programs: int,
+                             wide: bool) -> torch.Tensor:
+    """``[R, n_programs, 4]`` partial sums (inside a custom op: one launch)."""
     dtype = _real_dtype(spec)
-    partials = empty((n_res, max_tiles, 4), dtype, spec.device)
-    wrap_triton(_spectral_partials_kernel)[(max_tiles, n_res)](
-        torch.view_as_real(spec), partials, meta, params, signals, max_tiles,
-        ACC=tl_dtype(dtype), BLOCK=BLOCK)
+    partials = empty((n_res, n_programs, 4), dtype, spec.device)
+    wrap_triton(_spectral_partials_kernel)[(n_programs, n_res)](
+        torch.view_as_real(spec), partials, meta, params, signals, n_programs,
+        ACC=tl_dtype(dtype), BLOCK=BLOCK, WIDE=wide, num_warps=spectral_warps(dtype))
     return partials
 
 
 @kernel_op("distill_fused::mrstft_reduce", mutates_args=())
 def mrstft_reduce_op(spec: torch.Tensor, meta: torch.Tensor, params: torch.Tensor,
-                     signals: int, n_res: int, max_tiles: int, use_terms: List[bool]
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+                     signals: int, n_res: int, n_programs: int, use_terms: List[bool],
+                     wide: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(MRSTFT, gradient scalars [R, 4])`` from the spectra: partials, then the epilogue."""
     dtype = _real_dtype(spec)
-    partials = launch_spectral_partials(spec, meta, params, signals, n_res, max_tiles)
+    partials = launch_spectral_partials(spec, meta, params, signals, n_res, n_programs, wide)
     loss, scalars = empty((), dtype, spec.device), empty((n_res, 4), dtype, spec.device)
     wrap_triton(_mrstft_epilogue_kernel)[(1,)](
-        partials, meta, scalars, loss, max_tiles, signals, params,
+        partials, meta, scalars, loss, n_programs, signals, params,
         USE_SC=use_terms[0], USE_LOG=use_terms[1], USE_LIN=use_terms[2], ACC=tl_dtype(dtype),
         BLOCK=BLOCK, N_RES=n_res, **ONE_PROGRAM)
     return loss, scalars
@@ -545,23 +655,27 @@ def mrstft_reduce_op(spec: torch.Tensor, meta: torch.Tensor, params: torch.Tenso
 
 @kernel_op("distill_fused::stft_spectral_grad", mutates_args=("spec",))
 def stft_spectral_grad_op(spec: torch.Tensor, meta: torch.Tensor, scalars: torch.Tensor,
-                          params: torch.Tensor, signals: int, n_res: int, max_tiles: int,
-                          grad_x: bool, grad_y: bool, use_terms: List[bool]) -> None:
-    wrap_triton(_spectral_grad_kernel)[(max_tiles, n_res)](
+                          params: torch.Tensor, signals: int, n_res: int, tiles: int,
+                          grad_x: bool, grad_y: bool, use_terms: List[bool],
+                          wide: bool) -> None:
+    wrap_triton(_spectral_grad_kernel)[(tiles,)](
         torch.view_as_real(spec), meta, scalars, params, signals, GRAD_X=grad_x, GRAD_Y=grad_y,
         USE_SC=use_terms[0], USE_LOG=use_terms[1], USE_LIN=use_terms[2],
-        ACC=tl_dtype(_real_dtype(spec)), BLOCK=BLOCK, **GATHER)
+        ACC=tl_dtype(_real_dtype(spec)), BLOCK=BLOCK, N_RES=n_res, WIDE=wide,
+        num_warps=spectral_warps(_real_dtype(spec), int(grad_x) + int(grad_y)))
 
 
 @kernel_op("distill_fused::stft_frames_adjoint", mutates_args=())
 def stft_frames_adjoint_op(frames: torch.Tensor, meta: torch.Tensor, windows: torch.Tensor,
                            n_res: int, signals: int, length: int, first_side: int, sides: int,
-                           max_cover: int) -> torch.Tensor:
+                           max_cover: int, wide: bool) -> torch.Tensor:
     rows = sides * signals
     out = empty((rows, length), frames.dtype, frames.device)
-    wrap_triton(_frames_adjoint_kernel)[(triton.cdiv(rows * length, BLOCK),)](
-        frames, meta, windows, out, n_res, signals, length, rows, first_side, max_cover,
-        ACC=tl_dtype(frames.dtype), BLOCK=BLOCK, **GATHER)
+    t_tiles = triton.cdiv(length, ADJOINT_BLOCK)
+    wrap_triton(_frames_adjoint_kernel)[(rows * t_tiles,)](
+        frames, meta, windows, out, signals, length, first_side, t_tiles,
+        ACC=tl_dtype(frames.dtype), BLOCK=ADJOINT_BLOCK, N_RES=n_res, MAX_COVER=max_cover,
+        WIDE=wide, num_warps=adjoint_warps(frames.dtype, wide))
     return out
 
 
@@ -570,12 +684,12 @@ def signal_gradient(spec, frames, scalars, plan: STFTPlan, grad_x: bool,
     """``dMRSTFT/dsignal`` for the x rows, the y rows or both (``[rows, T]``), from the spectra
     and the epilogue's scalars. Overwrites ``spec`` and ``frames``."""
     stft_spectral_grad_op(spec, plan.meta, scalars, plan.params, plan.signals, plan.n_res,
-                          plan.max_grad_tiles, grad_x, grad_y, list(plan.use_terms))
+                          plan.grad_tiles, grad_x, grad_y, list(plan.use_terms), plan.wide)
     sides = slice(0 if grad_x else 1, 2 if grad_y else 1)
     inverse_into_frames(spec, frames, plan, sides)
     return stft_frames_adjoint_op(frames, plan.meta, plan.windows, plan.n_res, plan.signals,
                                   plan.length, sides.start, sides.stop - sides.start,
-                                  plan.max_cover)
+                                  plan.max_cover, plan.wide)
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,7 +715,7 @@ class _MRSTFTLoss(torch.autograd.Function):
                                      plan)
         spec = spectra_of(frames, spec, plan)
         loss, scalars = mrstft_reduce_op(spec, plan.meta, plan.params, signals, plan.n_res,
-                                         plan.max_spec_tiles, list(plan.use_terms))
+                                         plan.spec_programs, list(plan.use_terms), plan.wide)
         grad = (signal_gradient(spec, frames, scalars, plan, grad_x, grad_y)
                 if grad_x or grad_y else None)
         loss = loss.to(dtype)

@@ -26,6 +26,24 @@ LOSS_KEYS = ("total_loss", "stft_loss", "mag_recon_loss", "if_recon_loss", "kl_l
 # Fast backends checked against the oracle: on CPU, triton runs under TRITON_INTERPRET=1.
 FAST_BACKENDS = [b for b in ("torch", "triton") if b in available_backends("cpu")]
 
+
+def _interpreter_without_overflow_checks():
+    """Triton's interpreter checks every 32-bit integer add, subtract and multiply for
+    overflow (six more interpreted operations each; compiled code checks nothing unless built
+    with debug=True). The kernels' 32-bit index math (WIDE false) is bounded by
+    ``kernels._common.INDEX_LIMIT`` on the host, and the test shapes lie far below it: the
+    checks would only make the suite some three times slower."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import dataclasses
+
+    from triton.runtime import interpreter
+    builder = interpreter.interpreter_builder
+    builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
+
+
+_interpreter_without_overflow_checks()
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                    reason="no CUDA GPU present: CUDA variant skipped")
 

@@ -110,7 +110,8 @@ class LaunchRecorder:
     """Replaces ``JITFunction.run``: every launch is compiled for each architecture and recorded,
     nothing runs."""
 
-    def __init__(self):
+    def __init__(self, archs=tuple(ARCHS)):
+        self.archs = tuple(archs)
         self.driver = CompileOnlyDriver()
         self.launches: List[Launch] = []
         self.ptxas_logs: Dict[str, str] = {}  # compiled hash -> what ptxas said
@@ -143,7 +144,7 @@ class LaunchRecorder:
 
     def record(self, kernel, args, grid, kwargs):
         compiled = {}
-        for arch in ARCHS:
+        for arch in self.archs:
             self.driver.arch = arch
             log = io.StringIO()
             try:
@@ -281,16 +282,18 @@ def _fft_grouping(grouping):
 
 @contextlib.contextmanager
 def _index_width(wide: bool):
-    """With ``wide``, the launchers choose int64 index math whatever the sizes."""
+    """With ``wide``, the launchers choose 64-bit index math whatever the sizes."""
+    import distill_fused.kernels._common as common
     import distill_fused.kernels.combined as combined
     import distill_fused.kernels.kl as kl
-    saved = combined.index_dtype, kl.index_dtype
+    saved = combined.index_dtype, kl.index_dtype, common.INDEX_LIMIT
     if wide:
         combined.index_dtype = kl.index_dtype = lambda *args: triton.language.int64
+        common.INDEX_LIMIT = 0
     try:
         yield
     finally:
-        combined.index_dtype, kl.index_dtype = saved
+        combined.index_dtype, kl.index_dtype, common.INDEX_LIMIT = saved
 
 
 def route_cpu_tensors_to_triton():
@@ -518,14 +521,14 @@ def _tree_meta(outputs, grads):
 # The report and its tables
 # --------------------------------------------------------------------------------------------
 
-def build_report(only: Optional[str] = None) -> dict:
+def build_report(only: Optional[str] = None, archs=tuple(ARCHS)) -> dict:
     """The report over ``CASES`` (those whose name matches the regular expression ``only``,
-    and then no registration checks)."""
+    and then no registration checks), compiled for ``archs``."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("gpu_compile.py runs in GPU mode: unset TRITON_INTERPRET")
     route_cpu_tensors_to_triton()
     torch.manual_seed(0)
-    with LaunchRecorder() as recorder:
+    with LaunchRecorder(archs) as recorder:
         cases = {}
         for case in CASES:
             if only and not re.search(only, case.name):
@@ -538,7 +541,7 @@ def build_report(only: Optional[str] = None) -> dict:
     return {
         "triton": triton.__version__,
         "torch": torch.__version__,
-        "archs": {ARCHS[a]["name"]: ARCHS[a] for a in ARCHS},
+        "archs": {ARCHS[a]["name"]: ARCHS[a] for a in archs},
         "cases": cases,
         "kernels_defined": kernels_defined(),
         "specializations": specializations(recorder.launches, recorder.ptxas_logs),
@@ -600,8 +603,13 @@ def main(argv=None):
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--tables", help="write aot-sm90.md and aot-sm80.md into this folder")
     parser.add_argument("--cases", help="only the cases whose name matches this regex")
+    parser.add_argument("--archs", default=",".join(str(a) for a in ARCHS),
+                        help="compute capabilities to compile for, e.g. 90,80 (the default)")
     args = parser.parse_args(argv)
-    report = build_report(args.cases)
+    archs = [int(a) for a in args.archs.split(",")]
+    if args.tables and set(archs) != set(ARCHS):
+        parser.error("--tables needs every architecture")
+    report = build_report(args.cases, archs)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -19,10 +19,14 @@ def tiny_blocks(monkeypatch):
     import distill_fused.kernels.recon as recon
     import distill_fused.kernels.stft as stft
 
-    # Sizes below make tiles > block (several epilogue chunks) for every reduction.
+    # Sizes below make tiles > block (several epilogue chunks) for every reduction, several
+    # tiles for each program of the sums, framing tiles of a few columns, adjoint tiles that
+    # the reflect padding spans several of.
     for module, name, block in ((stft, "BLOCK", 32), (combined, "BLOCK", 32), (kl, "BLOCK", 32),
                                 (recon, "BLOCK", 16), (combined, "RECON_BLOCK", 16),
-                                (recon, "FINAL_BLOCK", 8)):
+                                (recon, "FINAL_BLOCK", 8), (stft, "PARTIAL_PROGRAMS", 5),
+                                (recon, "SUM_PROGRAMS", 3), (stft, "FRAME_COLS", 16),
+                                (stft, "ADJOINT_BLOCK", 16)):
         monkeypatch.setattr(module, name, block)
 
 
