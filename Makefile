@@ -29,9 +29,10 @@ test: $(VENV)/.installed $(VENV36)/.installed
 test-triton39: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
-# Without the cache plugin: the two runs would write .pytest_cache at once.
+# Without the cache plugin: the two runs would write .pytest_cache at once. Under Triton 3.6
+# the tests run once per backend run for triton only (the other backends do not touch Triton).
 test-triton36: $(VENV36)/.installed
-	$(PY36) -m pytest -q -p no:cacheprovider tests
+	$(PY36) -m pytest -q -p no:cacheprovider --only-backend triton tests
 
 bench: $(VENV)/.installed
 	$(PY) -m pytest -q bench -p no:cacheprovider
@@ -40,14 +41,15 @@ bench: $(VENV)/.installed
 render: $(VENV)/.installed
 	$(PY) bench/render.py
 
-# The tables of every kernel specialization compiled for sm_90 and sm_80 (no GPU needed).
-aot: $(VENV)/.installed
-	env -u TRITON_INTERPRET $(PY) tests/gpu_compile.py --tables bench/results
+# The tables of every kernel specialization compiled for sm_90 and sm_80 (no GPU needed), by
+# the GPU image's Triton (3.6).
+aot: $(VENV36)/.installed
+	env -u TRITON_INTERPRET $(PY36) tests/gpu_compile.py --tables bench/results
 
-# The cost model of a training step on an H100 (a prediction; no GPU needed), beside the
-# figures of the kernels before issue 13.
-costmodel: $(VENV)/.installed
-	env -u TRITON_INTERPRET $(PY) bench/costmodel.py --before bench/results/costmodel-h100-before.json \
+# The cost model of a training step on an H100 (a prediction; no GPU needed; the GPU image's
+# Triton), beside the figures of the kernels before issue 13.
+costmodel: $(VENV36)/.installed
+	env -u TRITON_INTERPRET $(PY36) bench/costmodel.py --before bench/results/costmodel-h100-before.json \
 		--write bench/results/costmodel-h100.md
 
 # Small edits of the package (tools/mutants.py) that the suite must catch: slow (not in CI).

@@ -74,17 +74,17 @@ BLOCK = 1024
 # PARTIAL_PROGRAMS-th tile: enough programs to fill an H100's 132 SMs four times over, and a
 # bounded number of partials for the one-program epilogue to read (R x 4 x 176 values).
 PARTIAL_PROGRAMS = 528
-# The framing kernel's tiles: BLOCK elements, FRAME_COLS columns (fewer where every FFT is
-# shorter) of BLOCK // FRAME_COLS frames.
-FRAME_COLS = 256
+# The framing kernel's tiles: FRAME_TILE elements, FRAME_COLS columns (fewer where every FFT is
+# shorter) of FRAME_TILE // FRAME_COLS frames, at 8 warps (8 elements a thread).
+FRAME_TILE, FRAME_COLS = 2048, 256
 # The adjoint's tiles: samples of one signal row per program.
-ADJOINT_BLOCK = 512
+ADJOINT_BLOCK = 1024
 
 
 def adjoint_warps(dtype: torch.dtype, wide: bool) -> int:
-    """Warps of the adjoint: 4 (4 samples a thread), 8 in float64 or with 64-bit indices,
-    which at 4 warps take up to 160 registers (19% occupancy) and spill on sm_80."""
-    return 8 if dtype == torch.float64 or wide else 4
+    """Warps of the adjoint: 8 (4 samples a thread), 16 in float64 or with 64-bit indices,
+    which with 4 samples a thread take up to 160 registers (19% occupancy) and spill on sm_80."""
+    return 16 if dtype == torch.float64 or wide else 8
 
 
 def spectral_warps(dtype: torch.dtype, sides: int = 1) -> int:
@@ -195,8 +195,8 @@ def make_plan(settings, signals: int, length: int, device, dtype) -> STFTPlan:
         frame_start += 2 * side_rows * fft_n
         spec_start += 2 * side_rows * spec_row
     # The grids list every resolution's tiles in resolution order (``_resolution_of``).
-    frame_cols = min(FRAME_COLS, triton.next_power_of_2(max(sizes)), BLOCK)
-    frame_rows = BLOCK // frame_cols
+    frame_cols = min(FRAME_COLS, triton.next_power_of_2(max(sizes)), FRAME_TILE)
+    frame_rows = FRAME_TILE // frame_cols
     rows: List[Tuple[int, ...]] = []
     frame_tiles = grad_tiles = max_spec_tiles = 0
     for i, (n, res) in enumerate(zip(sizes, settings.resolutions)):
@@ -585,7 +585,7 @@ def stft_frames_op(x: torch.Tensor, y: torch.Tensor, x_strides: List[int],
     wrap_triton(_frame_kernel)[(tiles,)](
         x, y, frames, meta, windows, signals, length, channels, width, *x_strides, *y_strides,
         *magic(channels), *magic(width), ACC=tl_dtype(windows.dtype), ROWS=tile[0],
-        COLS=tile[1], N_RES=n_res, WIDE=wide or is_wide(BLOCK, x, y))
+        COLS=tile[1], N_RES=n_res, WIDE=wide or is_wide(FRAME_TILE, x, y), num_warps=8)
     return frames, spec
 
 

@@ -44,6 +44,30 @@ def _interpreter_without_overflow_checks():
 
 _interpreter_without_overflow_checks()
 
+# Parameters naming the backend a test runs (a test's own, or its fixture's).
+BACKEND_PARAMETERS = ("backend", "host_runs")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--only-backend", default=None,
+                     help="of the tests run once per backend, run only this backend's (the "
+                          "others run whole): `make test` runs the suite under Triton 3.6 so, "
+                          "with triton, as the other backends do not touch Triton")
+
+
+def pytest_collection_modifyitems(config, items):
+    only = config.getoption("--only-backend")
+    if not only:
+        return
+    keep, drop = [], []
+    for item in items:
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        backends = [params[name] for name in BACKEND_PARAMETERS if name in params]
+        (drop if any(b != only for b in backends) else keep).append(item)
+    config.hook.pytest_deselected(items=drop)
+    items[:] = keep
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                    reason="no CUDA GPU present: CUDA variant skipped")
 

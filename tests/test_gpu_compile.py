@@ -59,8 +59,8 @@ def _tables_version() -> bool:
 @pytest.fixture(scope="session")
 def report(tmp_path_factory):
     """The report of ``tests/gpu_compile.py``, run in GPU mode (TRITON_INTERPRET unset): for
-    sm_90 and sm_80 with the Triton that wrote the committed tables, for sm_90 alone with
-    another (the GPU image's Triton 3.6, whose GPUs are H100/H200: half the compile time)."""
+    sm_90 and sm_80 with the Triton that wrote the committed tables (the GPU image's), for
+    sm_90 alone with another (half the compile time)."""
     out = tmp_path_factory.mktemp("gpu-compile") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     archs = ",".join(str(a) for a in (gpu_compile.ARCHS if _tables_version() else (90,)))
