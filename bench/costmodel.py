@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the compile-only driver of the compile test
 
 import gpu_compile  # noqa: E402
+from aten_launches import launches_kernel  # noqa: E402
 
 SMS = 132
 BW = 3.0e12                # bytes/s: the copy bandwidth measured on these machines
@@ -57,13 +58,6 @@ ISSUE_PER_CLOCK = 4        # warp-instructions per SM per clock (4 schedulers)
 LAUNCH_US = 2.5            # per launch
 GOAL_US, GOAL_LAUNCHES = 60.0, 16
 CASES = {"user": gpu_compile.Case("user"), "long": gpu_compile.Case("long")}
-
-# Aten operations that only make views or allocate: no kernel (as tests/test_launches.py).
-NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view",
-             "_unsafe_view", "_reshape_alias", "slice", "select", "as_strided", "t",
-             "transpose", "permute", "expand", "unsqueeze", "squeeze", "view_as_real",
-             "view_as_complex", "alias", "detach", "lift_fresh", "unbind", "split", "chunk",
-             "resize_", "_neg_view", "_conj", "conj", "split_with_sizes"}
 
 
 @dataclass
@@ -125,7 +119,7 @@ def _spectral_partials(a):
     if "max_tiles" in a:
         return nbytes(a["spec_ptr"]), nbytes(a["partials_ptr"]), 1
     n_res = a["partials_ptr"].numel() // (4 * a["n_programs"])
-    tiles = nbytes(a["spec_ptr"]) / a["spec_ptr"].element_size() / 2 / 2 / n_res / 1024
+    tiles = nbytes(a["spec_ptr"]) / a["spec_ptr"].element_size() / 2 / 2 / n_res / a["BLOCK"]
     return nbytes(a["spec_ptr"]), nbytes(a["partials_ptr"]), math.ceil(tiles / a["n_programs"])
 
 
@@ -218,7 +212,7 @@ class AtenLaunches(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.__name__.split(".")[0]
-        if func.namespace == "aten" and name not in NO_KERNEL:
+        if launches_kernel(func):
             tensors = [t for t in (*args, *(kwargs or {}).values()) if isinstance(t, torch.Tensor)]
             outs = out if isinstance(out, (list, tuple)) else [out]
             read = sum(nbytes(t) for t in tensors if not _is_out(t, outs))

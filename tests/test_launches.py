@@ -7,18 +7,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import FAST_BACKENDS, make_batch, run_loss
+from aten_launches import launches_kernel
 from distill_fused import LossConfig, compute_combined_loss, create_stft_loss
 
 pytestmark = pytest.mark.skipif("triton" not in FAST_BACKENDS,
                                 reason="the triton backend is not available here "
                                        "(CPU tensors need TRITON_INTERPRET=1)")
-
-# Aten operations that only make views or allocate: no kernel.
-NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view",
-             "_unsafe_view", "_reshape_alias", "slice", "select", "as_strided", "t",
-             "transpose", "permute", "expand", "unsqueeze", "squeeze", "view_as_real",
-             "view_as_complex", "alias", "detach", "lift_fresh", "unbind", "split", "chunk",
-             "resize_", "_neg_view", "_conj", "conj", "split_with_sizes"}
 
 
 class LaunchCounter(TorchDispatchMode):
@@ -27,9 +21,8 @@ class LaunchCounter(TorchDispatchMode):
         self.aten = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        namespace, name = func.namespace, func.__name__.split(".")[0]
-        if namespace == "aten" and name not in NO_KERNEL:
-            self.aten.append(name)
+        if launches_kernel(func):
+            self.aten.append(func.__name__.split(".")[0])
         return func(*args, **(kwargs or {}))
 
 
