@@ -74,6 +74,8 @@ BLOCK = 1024
 # PARTIAL_PROGRAMS-th tile: enough programs to fill an H100's 132 SMs four times over, and a
 # bounded number of partials for the one-program epilogue to read (R x 4 x 176 values).
 PARTIAL_PROGRAMS = 528
+# Their tiles, at twice the warps of the gradient kernel (the same elements a thread).
+PARTIAL_TILE = 2048
 # The framing kernel's tiles: FRAME_TILE elements, FRAME_COLS columns (fewer where every FFT is
 # shorter) of FRAME_TILE // FRAME_COLS frames, at 8 warps (8 elements a thread).
 FRAME_TILE, FRAME_COLS = 2048, 256
@@ -88,10 +90,10 @@ def adjoint_warps(dtype: torch.dtype, wide: bool) -> int:
 
 
 def spectral_warps(dtype: torch.dtype, sides: int = 1) -> int:
-    """Warps of the two kernels over the spectra: 4 (8 elements a thread), twice as many in
-    float64 and twice again for the gradients of both sides (x and y), so that each stays
-    within 128 registers (25% occupancy): with 8 elements a thread, float64 takes up to 255
-    and both sides up to 149."""
+    """Warps of the spectral gradient kernel (the sums take twice as many, for tiles twice as
+    large): 4 (8 elements a thread), twice as many in float64 and twice again for the
+    gradients of both sides (x and y), so that each stays within 128 registers (25%
+    occupancy): with 8 elements a thread, float64 takes up to 255 and both sides up to 149."""
     return 4 * (2 if dtype == torch.float64 else 1) * sides
 
 
@@ -209,7 +211,8 @@ def make_plan(settings, signals: int, length: int, device, dtype) -> STFTPlan:
         frame_tiles += 2 * (triton.cdiv(signals * frames[i], frame_rows)
                             * triton.cdiv(fft_n, frame_cols))
         grad_tiles += triton.cdiv(signals * frames[i] * spec_row, BLOCK)
-        max_spec_tiles = max(max_spec_tiles, triton.cdiv(signals * frames[i] * bins, BLOCK))
+        max_spec_tiles = max(max_spec_tiles, triton.cdiv(signals * frames[i] * bins,
+                                                         PARTIAL_TILE))
     windows = [settings.padded_window(i, "cpu", dtype) for i in range(len(sizes))]
     # Real elements: the spectra are read as (re, im) pairs.
     wide = past_index_limit(max(frame_start, 2 * spec_start) + BLOCK)
@@ -634,7 +637,7 @@ def launch_spectral_partials(spec: torch.Tensor, meta: torch.Tensor, params: tor
     partials = empty((n_res, n_programs, 4), dtype, spec.device)
     wrap_triton(_spectral_partials_kernel)[(n_programs, n_res)](
         torch.view_as_real(spec), partials, meta, params, signals, n_programs,
-        ACC=tl_dtype(dtype), BLOCK=BLOCK, WIDE=wide, num_warps=spectral_warps(dtype))
+        ACC=tl_dtype(dtype), BLOCK=PARTIAL_TILE, WIDE=wide, num_warps=2 * spectral_warps(dtype))
     return partials
 
 

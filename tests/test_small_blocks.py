@@ -25,6 +25,7 @@ def tiny_blocks(monkeypatch):
     for module, name, block in ((stft, "BLOCK", 32), (combined, "BLOCK", 32), (kl, "BLOCK", 32),
                                 (recon, "BLOCK", 16), (combined, "RECON_BLOCK", 16),
                                 (recon, "FINAL_BLOCK", 8), (stft, "PARTIAL_PROGRAMS", 5),
+                                (stft, "PARTIAL_TILE", 32),
                                 (recon, "SUM_PROGRAMS", 3), (stft, "FRAME_TILE", 64),
                                 (stft, "FRAME_COLS", 16), (stft, "ADJOINT_BLOCK", 16)):
         monkeypatch.setattr(module, name, block)
