@@ -95,6 +95,8 @@ def index_dtype(block: int, *tensors: torch.Tensor):
 
 # Indices below this bound take 32-bit index math with divisions by multiply-shift (``magic``,
 # exact below 2**30); past it, a kernel's ``WIDE`` flag selects 64-bit indices and divisions.
+# Half of int32's range: a loop that steps a tile start past the end (by a grid's worth of
+# tiles) still stays below 2**31.
 INDEX_LIMIT = 2**30 - 1
 
 

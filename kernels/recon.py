@@ -33,7 +33,7 @@ backward) and keep a 2N buffer alive between the passes, so the gradient is left
 backward kernel.
 
 Inputs may have any strides (no copy is made). Index math is 32-bit (divisions by
-multiply-shift, ``divide``) unless an input reaches past 2^31 elements (``WIDE``).
+multiply-shift, ``divide``) unless an input reaches past ``INDEX_LIMIT`` elements (``WIDE``).
 """
 
 from __future__ import annotations
