@@ -32,6 +32,8 @@ The step's prediction is the sum. Write the tables with::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -189,8 +191,6 @@ class StepRecorder(gpu_compile.LaunchRecorder):
 
     def record(self, kernel, args, grid, kwargs):
         self.driver.arch = 90
-        import contextlib
-        import io
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
             compiled = self._run(kernel, *args, grid=grid, warmup=True, **kwargs)
