@@ -7,7 +7,7 @@ PY36 := $(VENV36)/bin/python
 # Triton kernels run on CPU tensors through its interpreter when no GPU is present.
 export TRITON_INTERPRET ?= 1
 
-.PHONY: demo test test-triton39 test-triton36 bench render aot costmodel mutants clean
+.PHONY: demo lint test test-triton39 test-triton36 bench render aot costmodel mutants clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt tools/install.sh
 	bash tools/install.sh $(VENV)
@@ -20,10 +20,14 @@ $(VENV36)/.installed: pyproject.toml constraints.txt constraints-triton36.txt to
 demo: $(VENV)/.installed
 	$(PY) -m distill_fused.demo
 
-# The two suites run side by side once both environments exist (set up one after the other):
-# each pytest keeps about one core busy (the Triton interpreter is single-threaded), and
-# --output-sync prints each suite's output whole when it ends.
-test: $(VENV)/.installed $(VENV36)/.installed
+# The linter (rules and why: pyproject.toml's [tool.ruff]), before any test.
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+
+# The linter first; then the two suites side by side once both environments exist (set up one
+# after the other): each pytest keeps about one core busy (the Triton interpreter is
+# single-threaded), and --output-sync prints each suite's output whole when it ends.
+test: lint $(VENV36)/.installed
 	$(MAKE) --no-print-directory -j2 --output-sync=target test-triton39 test-triton36
 
 test-triton39: $(VENV)/.installed

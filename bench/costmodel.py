@@ -92,7 +92,7 @@ class Sized:
     itemsize: int
 
     @staticmethod
-    def of(t: torch.Tensor) -> "Sized":
+    def of(t: torch.Tensor) -> Sized:
         return Sized(t.numel(), t.element_size())
 
     def numel(self) -> int:
@@ -409,7 +409,7 @@ def before_after(costs: List[LaunchCost], before: List[dict]) -> List[str]:
     for k in list(dict.fromkeys([*then, *now])):
         a, b = then.get(k), now.get(k)
 
-        def pair(field, fmt="{}"):
+        def pair(field, fmt="{}", a=a, b=b):
             return " / ".join(fmt.format(x[field]) if x else "-" for x in (a, b))
         lines.append(f"| `{k}` | {pair('n')} | {pair('registers')} | {pair('sass')} | "
                      f"{pair('div64')} | {pair('predicted', '{:.2f}')} |")

@@ -25,8 +25,6 @@ from distill_fused import LossConfig, compute_combined_loss, create_stft_loss
 from distill_fused.backends import reference
 from distill_fused.synthetic import realistic_batch
 
-GROUPING_ENV = "DISTILL_FFT_GROUPING"  # read by distill_fused.kernels.stft (not imported here)
-
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
@@ -98,13 +96,9 @@ def make_step(provider: str, case: Case, dev: torch.device, seed: int = 0) -> Ca
         grouping = "shared" if variant == "shared-fft)" else "per_resolution"
 
         def fn(r, t, m, v):
-            os.environ[GROUPING_ENV] = grouping
-            try:
-                return compute_combined_loss(r, t, m, v, config, kl_weight=0.01,
-                                             _stft_loss_fn=stft_fn,
-                                             backend=backend)["total_loss"]
-            finally:
-                os.environ.pop(GROUPING_ENV, None)
+            return compute_combined_loss(r, t, m, v, config, kl_weight=0.01,
+                                         _stft_loss_fn=stft_fn, backend=backend,
+                                         fft_grouping=grouping)["total_loss"]
 
     def step() -> None:
         for leaf in leaves:

@@ -51,36 +51,36 @@ def _kernels(case):
 
 def _stft_kernels(recon, target):
     """The STFT path's kernels at the default settings, on the magnitude channels."""
-    from distill_fused.kernels import stft
     from distill_fused import LossConfig, create_stft_loss
+    from distill_fused.kernels.mrstft import spectra_of, spectral_loss
+    from distill_fused.kernels.stft_frames import frame_signals, stft_frames_adjoint_op
+    from distill_fused.kernels.stft_plan import make_plan
+    from distill_fused.kernels.stft_spectral import stft_spectral_grad_op
 
     settings = create_stft_loss(LossConfig(), DEVICE).settings
     b, _, h, w = recon.shape
-    plan = stft.make_plan(settings, b, h * w, DEVICE, torch.float32)
+    plan = make_plan(settings, b, h * w, DEVICE, torch.float32, "per_resolution")
     x, y = recon[:, 0], target[:, 0]
     layout = [(1, w, (t.stride(0), 0, t.stride(1), t.stride(2))) for t in (x, y)]
-    frames, spec = stft.frame_signals(x, y, *layout, plan)
-    spec = stft.spectra_of(frames, spec, plan)
-    _, scalars = stft.mrstft_reduce_op(spec, plan.meta, plan.params, b, plan.n_res,
-                                       plan.spec_programs, list(plan.use_terms), plan.wide)
+    frames, spec = frame_signals(x, y, *layout, plan)
+    spec = spectra_of(frames, spec, plan)
+    _, scalars = spectral_loss(spec, plan)
     scratch = spec.clone()
     f32, c64 = 4, 8
     signal = b * h * w * f32
     half_frames = plan.frames_numel // 2
     return [
-        ("stft_frame", lambda: stft.frame_signals(x, y, *layout, plan),
+        ("stft_frame", lambda: frame_signals(x, y, *layout, plan),
          plan.frames_numel * f32 + 2 * signal),
-        ("stft_partials+epilogue", lambda: stft.mrstft_reduce_op(
-            spec, plan.meta, plan.params, b, plan.n_res, plan.spec_programs,
-            list(plan.use_terms), plan.wide), plan.spec_numel * c64),
+        ("stft_partials+epilogue", lambda: spectral_loss(spec, plan), plan.spec_numel * c64),
         # Reads X and Y, writes G over X (in place, on a scratch copy of the spectra).
-        ("stft_spectral_grad", lambda: stft.stft_spectral_grad_op(
+        ("stft_spectral_grad", lambda: stft_spectral_grad_op(
             scratch, plan.meta, scalars, plan.params, b, plan.n_res, plan.grad_tiles,
-            True, False, list(plan.use_terms), plan.wide),
+            plan.grad_tile, True, False, list(plan.use_terms), plan.wide),
          plan.spec_numel * c64 + plan.spec_numel // 2 * c64),
-        ("stft_frames_adjoint", lambda: stft.stft_frames_adjoint_op(
+        ("stft_frames_adjoint", lambda: stft_frames_adjoint_op(
             frames, plan.meta, plan.windows, plan.n_res, b, h * w, 0, 1, plan.max_cover,
-            plan.wide),
+            plan.adjoint_block, plan.wide),
          half_frames * f32 + signal),
     ]
 

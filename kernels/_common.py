@@ -1,6 +1,6 @@
 """What every kernel module shares: op registration, output allocation (which the tests
-poison and guard), accumulator dtypes, torch's sign, and the
-scaling of a term's gradient by its incoming gradient.
+poison and guard), 32-bit index math, float64 scalars as float32 pairs, torch's sign, and
+the scaling of a term's gradient by its incoming gradient.
 
 Loops whose bound is a runtime argument are written ``while i < n: ... i += step``, not
 ``for i in range(0, n, step)``: Triton 3.6's interpreter turns such a bound into a Python int
@@ -11,13 +11,15 @@ to is in ``bench/results/aot-sm90.md``."""
 from __future__ import annotations
 
 import os
-from typing import Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 from torch._guards import detect_fake_mode
+
+from ..core.tracing import tracing
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # torch >= 2.6 has triton_op/wrap_triton: torch.compile then sees through the kernel launches.
@@ -138,13 +140,34 @@ def divide(n, divisor, m, s, WIDE: tl.constexpr):
         return ((n.to(tl.int64) * m) >> s).to(tl.int32)
 
 
-def accumulator_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """fp32 accumulation; fp64 when an input is fp64 (the float64 oracle tolerance is 1e-10)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def tl_dtype(dtype: torch.dtype):
     return {torch.float64: tl.float64, torch.float32: tl.float32}[dtype]
+
+
+_DEVICE_CONSTANTS: Dict[tuple, torch.Tensor] = {}
+
+
+def device_constants(values: Tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """``values`` as a float64 tensor on ``device``, for kernels that need float64 scalars in
+    full (Triton passes a Python float as float32) or values that change every step without a
+    recompilation. Kept per value (a run has few): an eager step makes no host-to-device
+    copy."""
+    if tracing():  # a graph constant; a tensor made while tracing must not outlive the graph
+        return torch.tensor(values, dtype=torch.float64, device=device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # A copy from the host cannot be captured; fills can, and run at each replay (so the
+        # tensor is filled only once the graph replays: not for the cache).
+        out = torch.empty(len(values), dtype=torch.float64, device=device)
+        for i, value in enumerate(values):
+            out[i].fill_(value)
+        return out
+    key = (values, device)
+    value = _DEVICE_CONSTANTS.get(key)
+    if value is None:
+        if len(_DEVICE_CONSTANTS) >= 64:
+            _DEVICE_CONSTANTS.clear()
+        value = _DEVICE_CONSTANTS[key] = torch.tensor(values, dtype=torch.float64).to(device)
+    return value
 
 
 def f64_parts(value: float):
@@ -169,11 +192,12 @@ def reciprocal(count, ACC: tl.constexpr):
 
 
 @triton.jit
-def scaled_by(incoming, grad):
-    """``incoming * grad``, and exactly 0 where ``incoming == 0``, for a term that the
-    non-finite guard cuts off by sending it 0: it sends nothing to the inputs, even where its
-    own gradient is NaN or inf (``0 * nan`` must not reach an input)."""
-    return tl.where(incoming != 0, incoming * grad, 0.0)
+def gated_grad(reached, scale, grad):
+    """``scale * grad`` where the term is ``reached`` by an incoming gradient, else exactly 0:
+    a term that no gradient reaches (the non-finite guard cuts one off by sending it 0) sends
+    nothing to the inputs, even where its own gradient is NaN or inf (``0 * nan`` must not
+    reach an input). ``core.gradients.gated_grad`` is the same rule in torch."""
+    return tl.where(reached, scale * grad, 0.0)
 
 
 @triton.jit

@@ -25,23 +25,48 @@ import torch
 import triton
 import triton.language as tl
 
-from ..gradients import first_order_only
-from ._common import (ONE_PROGRAM, accumulator_dtype, empty, f64_parts, index_dtype, joined,
-                      kernel_op, reciprocal, scaled_by, tl_dtype, wrap_triton)
+from ..core.gradients import first_order_only
+from ..core.outputs import compute_dtype
+from ._common import (
+    ONE_PROGRAM,
+    empty,
+    f64_parts,
+    gated_grad,
+    index_dtype,
+    joined,
+    kernel_op,
+    reciprocal,
+    tl_dtype,
+    wrap_triton,
+)
 
 BLOCK = 1024
 
 
 @triton.jit
 def free_bits_kl_loop(
-    mu_ptr, logvar_ptr, grad_mu_ptr, grad_logvar_ptr,
-    n_elements, latent_dim, mu_sb, mu_sd, lv_sb, lv_sd, fb_hi, fb_lo,
-    WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, INDEX: tl.constexpr,
+    # the latents [B, D], read in place, and their strides
+    mu_ptr,
+    logvar_ptr,
+    n_elements,
+    latent_dim,
+    mu_sb,
+    mu_sd,
+    lv_sb,
+    lv_sd,
+    free_bits,
+    # the outputs: dkl/dmu and dkl/dlogvar, contiguous [B, D] (written when WRITE_GRAD)
+    grad_mu_ptr,
+    grad_logvar_ptr,
+    # compile-time
+    WRITE_GRAD: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    INDEX: tl.constexpr,
 ):
     """(Inside a single program.) The KL over ``[B, D]`` in tiles, gradients written when
-    ``WRITE_GRAD`` (contiguous ``[B, D]``); returns ``kl``. Index math in ``INDEX``
+    ``WRITE_GRAD``; returns ``kl``. ``free_bits`` in ``ACC``; index math in ``INDEX``
     (``index_dtype``)."""
-    free_bits = joined(fb_hi, fb_lo, ACC)
     inv_batch = reciprocal(n_elements // latent_dim, ACC)
     total = tl.zeros([BLOCK], dtype=ACC)
     start = tl.cast(0, INDEX)
@@ -71,36 +96,64 @@ def free_bits_kl_loop(
 
 @triton.jit
 def _kl_forward_kernel(
-    mu_ptr, logvar_ptr, kl_ptr, grad_mu_ptr, grad_logvar_ptr,
-    n_elements, latent_dim, mu_sb, mu_sd, lv_sb, lv_sd, fb_hi, fb_lo,
-    WRITE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, INDEX: tl.constexpr,
+    # the latents (see ``free_bits_kl_loop``)
+    mu_ptr,
+    logvar_ptr,
+    n_elements,
+    latent_dim,
+    mu_sb,
+    mu_sd,
+    lv_sb,
+    lv_sd,
+    fb_hi,
+    fb_lo,
+    # the outputs: kl, dkl/dmu, dkl/dlogvar
+    kl_ptr,
+    grad_mu_ptr,
+    grad_logvar_ptr,
+    # compile-time
+    WRITE_GRAD: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    INDEX: tl.constexpr,
 ):
-    kl = free_bits_kl_loop(mu_ptr, logvar_ptr, grad_mu_ptr, grad_logvar_ptr, n_elements,
-                           latent_dim, mu_sb, mu_sd, lv_sb, lv_sd, fb_hi, fb_lo, WRITE_GRAD,
-                           ACC, BLOCK, INDEX)
+    """One program: the KL and, when ``WRITE_GRAD``, its gradients."""
+    kl = free_bits_kl_loop(mu_ptr, logvar_ptr, n_elements, latent_dim, mu_sb, mu_sd, lv_sb,
+                           lv_sd, joined(fb_hi, fb_lo, ACC), grad_mu_ptr, grad_logvar_ptr,
+                           WRITE_GRAD, ACC, BLOCK, INDEX)
     tl.store(kl_ptr, kl)
 
 
 @triton.jit
 def _kl_backward_kernel(
-    grad_mu_ptr, grad_logvar_ptr, grad_out_ptr, out_mu_ptr, out_logvar_ptr, n_elements,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    # the saved gradients, [B*D] each, and the incoming gradient (0-dim)
+    grad_mu_ptr,
+    grad_logvar_ptr,
+    n_elements,
+    grad_out_ptr,
+    # the outputs
+    out_mu_ptr,
+    out_logvar_ptr,
+    # compile-time
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """``out = saved * grad_out``, and exactly 0 where ``grad_out == 0``."""
+    """``out = saved * grad_out``, and exactly 0 where ``grad_out == 0`` (``gated_grad``)."""
     pid = tl.program_id(0)
     index = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = index < n_elements
     grad_out = tl.load(grad_out_ptr).to(ACC)
     g_mu = tl.load(grad_mu_ptr + index, mask=mask, other=0.0)
     g_lv = tl.load(grad_logvar_ptr + index, mask=mask, other=0.0)
-    scale_mu = scaled_by(grad_out, g_mu)
-    scale_lv = scaled_by(grad_out, g_lv)
+    reached = grad_out != 0
+    scale_mu = gated_grad(reached, grad_out, g_mu)
+    scale_lv = gated_grad(reached, grad_out, g_lv)
     tl.store(out_mu_ptr + index, scale_mu.to(out_mu_ptr.dtype.element_ty), mask=mask)
     tl.store(out_logvar_ptr + index, scale_lv.to(out_logvar_ptr.dtype.element_ty), mask=mask)
 
 
 def _forward_outputs(mu: torch.Tensor, logvar: torch.Tensor, write_grad: bool):
-    acc = accumulator_dtype(mu, logvar)
+    acc = compute_dtype(mu, logvar)
     shape = mu.shape if write_grad else (0,)
     return (empty((), acc, mu.device), empty(shape, acc, mu.device),
             empty(shape, acc, mu.device))
@@ -116,12 +169,11 @@ def free_bits_kl_op(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float, wr
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(kl, dkl/dmu, dkl/dlogvar)``, the gradients in the accumulator dtype (empty unless
     ``write_grad``)."""
-    acc = accumulator_dtype(mu, logvar)
     kl, grad_mu, grad_logvar = _forward_outputs(mu, logvar, write_grad)
     wrap_triton(_kl_forward_kernel)[(1,)](
-        mu, logvar, kl, grad_mu, grad_logvar, mu.numel(), mu.shape[1], *mu.stride(),
-        *logvar.stride(), *f64_parts(free_bits),
-        WRITE_GRAD=write_grad, ACC=tl_dtype(acc), BLOCK=BLOCK,
+        mu, logvar, mu.numel(), mu.shape[1], *mu.stride(), *logvar.stride(),
+        *f64_parts(free_bits), kl, grad_mu, grad_logvar,
+        WRITE_GRAD=write_grad, ACC=tl_dtype(compute_dtype(mu, logvar)), BLOCK=BLOCK,
         INDEX=index_dtype(BLOCK, mu, logvar), **ONE_PROGRAM)
     return kl, grad_mu, grad_logvar
 
@@ -133,7 +185,7 @@ def free_bits_kl_backward_op(grad_mu: torch.Tensor, grad_logvar: torch.Tensor,
     out_mu, out_logvar = _backward_outputs(grad_mu, grad_logvar, mu_dtype, logvar_dtype)
     n = grad_mu.numel()
     wrap_triton(_kl_backward_kernel)[(triton.cdiv(n, BLOCK),)](
-        grad_mu, grad_logvar, grad_out, out_mu, out_logvar, n,
+        grad_mu, grad_logvar, n, grad_out, out_mu, out_logvar,
         ACC=tl_dtype(grad_mu.dtype), BLOCK=BLOCK)
     return out_mu, out_logvar
 

@@ -23,10 +23,12 @@ negative where ``tm`` is, and ``recon_loss = w (w_mag mag + w_if if)`` may cance
 part of its terms, so it is formed in fp64 and rounded once (by the caller, or the fused
 epilogue of ``combined.py``).
 
-Forward: ``_recon_partials_kernel`` (one tile per program, three partial sums each, in fp64:
-the IF sums run over a signed ``tm`` and can cancel) and ``_recon_finalize_kernel`` (one program
-summing the partials in a fixed order: deterministic, no atomics). Backward:
-``_recon_backward_kernel``, one pass that reads each input once and writes the gradients.
+Forward: ``_recon_partials_kernel`` (at most ``SUM_PROGRAMS`` programs, three partial sums
+each, in fp64: the IF sums run over a signed ``tm`` and can cancel) and
+``_recon_finalize_kernel`` (one program summing the partials in a fixed order: deterministic,
+no atomics). Backward: ``_recon_backward_kernel``, one pass that reads each input once and
+writes the gradients. The fused combined loss (``combined.py``) runs the same partials and
+the same per-element gradients (``recon_grads``, ``store_recon_grads``) in its own launches.
 Writing the sign terms in the forward pass instead would move as many bytes (4N read + 2N
 written forward, 2N read + 2N written backward, against 4N forward and 4N read + 2N written
 backward) and keep a 2N buffer alive between the passes, so the gradient is left to the
@@ -44,9 +46,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ..gradients import first_order_only
-from ._common import (ONE_PROGRAM, accumulator_dtype, divide, empty, f64_parts, is_wide, joined,
-                      kernel_op, magic, reciprocal, signum, tl_dtype, wrap_triton)
+from ..core.gradients import first_order_only
+from ..core.outputs import compute_dtype
+from ._common import (
+    ONE_PROGRAM,
+    empty,
+    f64_parts,
+    is_wide,
+    joined,
+    kernel_op,
+    reciprocal,
+    signum,
+    tl_dtype,
+    wrap_triton,
+)
+from .channels import geometry, load_channels, store_recon_grads, tile_start
 
 IF_EPS = 1e-8
 BLOCK = 1024
@@ -60,44 +74,32 @@ SUM_LAUNCH = {"num_warps": 8}
 
 
 @triton.jit
-def _offsets(index, hw, hw_m, hw_s, width, width_m, width_s, s_b, s_h, s_w, WIDE: tl.constexpr):
-    """Element offset of flat index ``index`` (over ``[B, H, W]``) in a strided tensor
-    (``hw_m, hw_s``: ``magic(hw)``; ``width_m, width_s``: ``magic(width)``)."""
-    b = divide(index, hw, hw_m, hw_s, WIDE)
-    rest = index - b * hw
-    h = divide(rest, width, width_m, width_s, WIDE)
-    return b * s_b + h * s_h + (rest - h * width) * s_w
-
-
-@triton.jit
-def load_channels(recon_ptr, target_ptr, index, mask, hw, hw_m, hw_s, width, width_m, width_s,
-                  r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw, ACC: tl.constexpr,
-                  WIDE: tl.constexpr):
-    """``rm, ri, tm, ti`` at flat indices ``index`` over ``[B, H, W]``, as ``ACC``."""
-    r_off = _offsets(index, hw, hw_m, hw_s, width, width_m, width_s, r_sb, r_sh, r_sw, WIDE)
-    t_off = _offsets(index, hw, hw_m, hw_s, width, width_m, width_s, t_sb, t_sh, t_sw, WIDE)
-    rm = tl.load(recon_ptr + r_off, mask=mask, other=0.0).to(ACC)
-    ri = tl.load(recon_ptr + r_off + r_sc, mask=mask, other=0.0).to(ACC)
-    tm = tl.load(target_ptr + t_off, mask=mask, other=0.0).to(ACC)
-    ti = tl.load(target_ptr + t_off + t_sc, mask=mask, other=0.0).to(ACC)
-    return rm, ri, tm, ti
-
-
-@triton.jit
-def tile_start(tile, BLOCK: tl.constexpr, WIDE: tl.constexpr):
-    """The first flat index of tile ``tile`` (of ``BLOCK``), in the index dtype."""
-    if WIDE:
-        return tile.to(tl.int64) * BLOCK
-    else:
-        return tile * BLOCK
-
-
-@triton.jit
 def _recon_partials_kernel(
-    recon_ptr, target_ptr, partials_ptr, n_elements, n_programs,
-    hw, hw_m, hw_s, width, width_m, width_s,
-    r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw,
-    ACC: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
+    # the inputs, N = B*H*W elements a channel, read in place (see ``channels.py``)
+    recon_ptr,
+    target_ptr,
+    n_elements,
+    hw,
+    hw_m,
+    hw_s,
+    width,
+    width_m,
+    width_s,
+    r_sb,
+    r_sc,
+    r_sh,
+    r_sw,
+    t_sb,
+    t_sc,
+    t_sh,
+    t_sw,
+    # the output: [3, n_programs] partial sums
+    partials_ptr,
+    n_programs,
+    # compile-time
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     """Program p sums tiles ``p, p + P, ...`` (``P = n_programs``), in that order:
     ``partials[0|1|2, p] = S_mag, S_if, S_tm`` over their elements, each element's term
@@ -127,12 +129,18 @@ def _recon_partials_kernel(
 
 
 @triton.jit
-def recon_terms_from_partials(partials_ptr, n_programs, n_elements, if_eps_hi, if_eps_lo,
-                              ACC: tl.constexpr, BLOCK: tl.constexpr):
+def recon_terms_from_partials(
+    partials_ptr,
+    n_programs,
+    n_elements,
+    if_eps,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """(Inside a single program.) Fixed-order fp64 sums of the partials, then
     ``(mag, if, if_hi, if_lo, M)``: ``mag`` and ``if`` in fp64 (the caller combines them
     before rounding: the IF term may be negative and cancel the magnitude term), the rest in
-    the accumulator dtype ``ACC``."""
+    the accumulator dtype ``ACC``. ``if_eps``: the 1e-8 of the IF weight, in fp64."""
     s_mag = tl.zeros([BLOCK], dtype=tl.float64)
     s_if = tl.zeros([BLOCK], dtype=tl.float64)
     s_tm = tl.zeros([BLOCK], dtype=tl.float64)
@@ -152,7 +160,7 @@ def recon_terms_from_partials(partials_ptr, n_programs, n_elements, if_eps_hi, i
     inv_n64 = inv_n.to(tl.float64) * (2.0 - n64 * inv_n.to(tl.float64))
     total_if = tl.sum(s_if, axis=0)
     total_tm = tl.sum(s_tm, axis=0)
-    denom = total_tm + n64 * joined(if_eps_hi, if_eps_lo, tl.float64)
+    denom = total_tm + n64 * if_eps
     if_hi = total_if.to(ACC) / denom.to(ACC)
     if_lo = (total_if - if_hi.to(tl.float64) * denom).to(ACC) / denom.to(ACC)
     mag = tl.sum(s_mag, axis=0) * inv_n64
@@ -162,13 +170,25 @@ def recon_terms_from_partials(partials_ptr, n_programs, n_elements, if_eps_hi, i
 
 @triton.jit
 def _recon_finalize_kernel(
-    partials_ptr, mag_ptr, if_ptr, stats_ptr, n_programs, n_elements, if_eps_hi, if_eps_lo,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    # the partial sums
+    partials_ptr,
+    n_programs,
+    n_elements,
+    if_eps_hi,
+    if_eps_lo,
+    # the outputs: the two terms (fp64), the statistics (if_hi, if_lo, M)
+    mag_ptr,
+    if_ptr,
+    stats_ptr,
+    # compile-time
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """One program: fixed-order sums of the partials, then ``mag``, ``if`` (fp64) and the
     statistics ``(if_hi, if_lo, M)`` the backward pass needs."""
     mag, if_loss, if_hi, if_lo, mean_tm = recon_terms_from_partials(
-        partials_ptr, n_programs, n_elements, if_eps_hi, if_eps_lo, ACC, BLOCK)
+        partials_ptr, n_programs, n_elements, joined(if_eps_hi, if_eps_lo, tl.float64), ACC,
+        BLOCK)
     tl.store(mag_ptr, mag)
     tl.store(if_ptr, if_loss)
     tl.store(stats_ptr, if_hi)
@@ -177,8 +197,24 @@ def _recon_finalize_kernel(
 
 
 @triton.jit
-def recon_grads(rm, ri, tm, ti, g_mag, g_if, if_hi, if_lo, mean_tm, n_elements, if_eps,
-                MAG: tl.constexpr, IF: tl.constexpr, ACC: tl.constexpr):
+def recon_grads(
+    rm,
+    ri,
+    tm,
+    ti,
+    # the incoming gradients of the two terms, and the forward's statistics
+    g_mag,
+    g_if,
+    if_hi,
+    if_lo,
+    mean_tm,
+    n_elements,
+    if_eps,
+    # which terms a gradient reaches
+    MAG: tl.constexpr,
+    IF: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """``(d/drm, d/dri, d/dtm)`` for incoming gradients ``g_mag``, ``g_if`` (d/dti = -d/dri).
     A term that no gradient reaches (``MAG``/``IF`` false) contributes exactly 0; one that is
     reached is multiplied in as autograd does it (a reached term with weight 0 sends
@@ -201,13 +237,42 @@ def recon_grads(rm, ri, tm, ti, g_mag, g_if, if_hi, if_lo, mean_tm, n_elements, 
 
 @triton.jit
 def _recon_backward_kernel(
-    recon_ptr, target_ptr, stats_ptr, g_mag_ptr, g_if_ptr, grad_recon_ptr, grad_target_ptr,
-    n_elements, hw, hw_m, hw_s, width, width_m, width_s, if_eps_hi, if_eps_lo,
-    r_sb, r_sc, r_sh, r_sw, t_sb, t_sc, t_sh, t_sw,
-    HAS_G_MAG: tl.constexpr, HAS_G_IF: tl.constexpr, TARGET_GRAD: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
+    # the inputs (see ``channels.py``)
+    recon_ptr,
+    target_ptr,
+    n_elements,
+    hw,
+    hw_m,
+    hw_s,
+    width,
+    width_m,
+    width_s,
+    r_sb,
+    r_sc,
+    r_sh,
+    r_sw,
+    t_sb,
+    t_sc,
+    t_sh,
+    t_sw,
+    # the forward's statistics, the incoming gradients, the IF weight's 1e-8
+    stats_ptr,
+    g_mag_ptr,
+    g_if_ptr,
+    if_eps_hi,
+    if_eps_lo,
+    # the outputs
+    grad_recon_ptr,
+    grad_target_ptr,
+    # compile-time: which terms a gradient reaches; whether target wants one
+    HAS_G_MAG: tl.constexpr,
+    HAS_G_IF: tl.constexpr,
+    GRAD_TARGET: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
-    """Gradients for ``recon`` (and ``target`` when ``TARGET_GRAD``), written contiguous
+    """Gradients for ``recon`` (and ``target`` when ``GRAD_TARGET``), written contiguous
     ``[B, 2, H, W]`` in the inputs' dtype, from the incoming gradients of the terms that one
     reaches (``HAS_G_*``). The scalars come in as tensors: no host sync."""
     index = tile_start(tl.program_id(0), BLOCK, WIDE) + tl.arange(0, BLOCK)
@@ -221,21 +286,8 @@ def _recon_backward_kernel(
         tl.load(stats_ptr).to(ACC), tl.load(stats_ptr + 1).to(ACC),
         tl.load(stats_ptr + 2).to(ACC), n_elements, joined(if_eps_hi, if_eps_lo, ACC),
         HAS_G_MAG, HAS_G_IF, ACC)
-    # Contiguous [B, 2, H, W]: channel 0 of element (b, rest) at b*2hw + rest.
-    out = index + divide(index, hw, hw_m, hw_s, WIDE) * hw
-    dtype = grad_recon_ptr.dtype.element_ty
-    tl.store(grad_recon_ptr + out, grad_rm.to(dtype), mask=mask)
-    tl.store(grad_recon_ptr + out + hw, grad_ri.to(dtype), mask=mask)
-    if TARGET_GRAD:
-        tl.store(grad_target_ptr + out, grad_tm.to(dtype), mask=mask)
-        tl.store(grad_target_ptr + out + hw, (-grad_ri).to(dtype), mask=mask)
-
-
-def geometry(recon: torch.Tensor):
-    """``(N, hw, magic(hw), width, magic(width))`` of ``[B, 2, H, W]``, as the kernels take
-    them (``hw, hw_m, hw_s, width, width_m, width_s`` after N)."""
-    b, _, h, w = recon.shape
-    return b * h * w, h * w, *magic(h * w), w, *magic(w)
+    store_recon_grads(grad_recon_ptr, grad_target_ptr, index, mask, hw, hw_m, hw_s, grad_rm,
+                      grad_ri, grad_tm, True, GRAD_TARGET, WIDE)
 
 
 def sum_programs(n_elements: int) -> int:
@@ -244,15 +296,28 @@ def sum_programs(n_elements: int) -> int:
 
 
 def _forward_outputs(recon: torch.Tensor, target: torch.Tensor):
-    acc = accumulator_dtype(recon, target)
+    acc = compute_dtype(recon, target)
     return (empty((), torch.float64, recon.device), empty((), torch.float64, recon.device),
             empty((3,), acc, recon.device))
 
 
-def _backward_outputs(recon: torch.Tensor, target: torch.Tensor, target_grad: bool):
+def _backward_outputs(recon: torch.Tensor, target: torch.Tensor, grad_target: bool):
     grad_dtype = torch.promote_types(recon.dtype, target.dtype)
     return (empty(recon.shape, grad_dtype, recon.device),
-            empty(target.shape if target_grad else (0,), grad_dtype, target.device))
+            empty(target.shape if grad_target else (0,), grad_dtype, target.device))
+
+
+def launch_recon_partials(recon: torch.Tensor, target: torch.Tensor
+                          ) -> Tuple[torch.Tensor, int, int]:
+    """``(partials [3, P], N, P)``: the sums' first stage (inside a custom op: one launch)."""
+    n, *shape = geometry(recon)
+    n_programs = sum_programs(n)
+    partials = empty((3, n_programs), torch.float64, recon.device)
+    wrap_triton(_recon_partials_kernel)[(n_programs,)](
+        recon, target, n, *shape, *recon.stride(), *target.stride(), partials, n_programs,
+        ACC=tl_dtype(compute_dtype(recon, target)), BLOCK=BLOCK,
+        WIDE=is_wide(BLOCK, recon, target), **SUM_LAUNCH)
+    return partials, n, n_programs
 
 
 @kernel_op("distill_fused::recon_terms", mutates_args=())
@@ -260,36 +325,29 @@ def recon_terms_op(recon: torch.Tensor, target: torch.Tensor
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(mag, if, stats)``: the two loss terms (0-dim, fp64) and ``stats = (if_hi, if_lo, M)``
     for backward."""
-    acc = accumulator_dtype(recon, target)
-    n, *shape = geometry(recon)
-    n_programs = sum_programs(n)
-    partials = empty((3, n_programs), torch.float64, recon.device)
+    partials, n, n_programs = launch_recon_partials(recon, target)
     mag, if_loss, stats = _forward_outputs(recon, target)
-    wrap_triton(_recon_partials_kernel)[(n_programs,)](
-        recon, target, partials, n, n_programs, *shape, *recon.stride(), *target.stride(),
-        ACC=tl_dtype(acc), BLOCK=BLOCK, WIDE=is_wide(BLOCK, recon, target), **SUM_LAUNCH)
     wrap_triton(_recon_finalize_kernel)[(1,)](
-        partials, mag, if_loss, stats, n_programs, n, *f64_parts(IF_EPS),
-        ACC=tl_dtype(acc), BLOCK=FINAL_BLOCK, **ONE_PROGRAM)
+        partials, n_programs, n, *f64_parts(IF_EPS), mag, if_loss, stats,
+        ACC=tl_dtype(compute_dtype(recon, target)), BLOCK=FINAL_BLOCK, **ONE_PROGRAM)
     return mag, if_loss, stats
 
 
 @kernel_op("distill_fused::recon_terms_backward", mutates_args=())
 def recon_terms_backward_op(recon: torch.Tensor, target: torch.Tensor, stats: torch.Tensor,
                             grad_mag: Optional[torch.Tensor], grad_if: Optional[torch.Tensor],
-                            target_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                            grad_target: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """``grad_mag``/``grad_if``: ``None`` for a term no gradient reaches."""
-    acc = accumulator_dtype(recon, target)
     n, *shape = geometry(recon)
-    grad_recon, grad_target = _backward_outputs(recon, target, target_grad)
+    outputs = _backward_outputs(recon, target, grad_target)
     wrap_triton(_recon_backward_kernel)[(triton.cdiv(n, BLOCK),)](
-        recon, target, stats, stats if grad_mag is None else grad_mag,
-        stats if grad_if is None else grad_if, grad_recon, grad_target,
-        n, *shape, *f64_parts(IF_EPS), *recon.stride(), *target.stride(),
+        recon, target, n, *shape, *recon.stride(), *target.stride(),
+        stats, stats if grad_mag is None else grad_mag, stats if grad_if is None else grad_if,
+        *f64_parts(IF_EPS), *outputs,
         HAS_G_MAG=grad_mag is not None, HAS_G_IF=grad_if is not None,
-        TARGET_GRAD=target_grad, ACC=tl_dtype(acc), BLOCK=BLOCK,
+        GRAD_TARGET=grad_target, ACC=tl_dtype(compute_dtype(recon, target)), BLOCK=BLOCK,
         WIDE=is_wide(BLOCK, recon, target))
-    return grad_recon, grad_target
+    return outputs
 
 
 def _setup_context(ctx, inputs, output):
@@ -297,17 +355,17 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # an unused term's gradient stays None: it sends nothing
     ctx.mark_non_differentiable(output[2])
     ctx.save_for_backward(recon, target, output[2])
-    ctx.target_grad = ctx.needs_input_grad[1]
+    ctx.grad_target = ctx.needs_input_grad[1]
 
 
 def _backward(ctx, grad_mag, grad_if, _grad_stats):
     recon, target, stats = ctx.saved_tensors
     with torch.no_grad():  # the op has no autograd formula: see first_order_only
         grad_recon, grad_target = recon_terms_backward_op(recon, target, stats, grad_mag,
-                                                          grad_if, ctx.target_grad)
+                                                          grad_if, ctx.grad_target)
     return first_order_only("triton", (
         grad_recon.to(recon.dtype) if ctx.needs_input_grad[0] else None,
-        grad_target.to(target.dtype) if ctx.target_grad else None), (recon, target))
+        grad_target.to(target.dtype) if ctx.grad_target else None), (recon, target))
 
 
 class _ReconTerms(torch.autograd.Function):

@@ -8,8 +8,8 @@ from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 from torch._subclasses.fake_tensor import FakeTensor
 
-from distill_fused.backends import available_backends
 from distill_fused import compute_combined_loss
+from distill_fused.dispatch import available_backends
 from distill_fused.synthetic import noise_batch, realistic_batch
 
 # Hypothesis profiles (test_properties.py): ``ci``, the default, a fixed derandomized dozen of
@@ -123,6 +123,19 @@ class GuardedOutputs:
                     f"shape {shape} ({whole.dtype}); band offsets {touched[:8].tolist()}")
 
 
+def kernel_modules_with(name):
+    """The modules of ``distill_fused.kernels`` that bind ``name`` (``empty``, which allocates
+    every buffer a kernel writes, or ``wrap_triton``, which launches every kernel), besides
+    ``_common`` where both are defined: a fixture replaces each module's binding."""
+    import importlib
+    import pkgutil
+
+    import distill_fused.kernels as package
+    modules = [importlib.import_module(f"{package.__name__}.{info.name}")
+               for info in pkgutil.iter_modules(package.__path__) if info.name != "_common"]
+    return [m for m in modules if hasattr(m, name)]
+
+
 @pytest.fixture(autouse=True)
 def guarded_kernel_outputs(monkeypatch):
     """In every test, the kernels' outputs start as NaN inside guard bands that must stay
@@ -131,13 +144,8 @@ def guarded_kernel_outputs(monkeypatch):
         yield None
         return
 
-    import distill_fused.kernels.combined as combined
-    import distill_fused.kernels.kl as kl
-    import distill_fused.kernels.recon as recon
-    import distill_fused.kernels.stft as stft
-
     outputs = GuardedOutputs()
-    for module in (combined, kl, recon, stft):
+    for module in kernel_modules_with("empty"):
         monkeypatch.setattr(module, "empty", outputs)
     yield outputs
     outputs.check()
@@ -156,11 +164,6 @@ def triton_launches(monkeypatch):
     launched = Launches()
     if "triton" not in FAST_BACKENDS:
         return launched
-    import distill_fused.kernels.combined as combined
-    import distill_fused.kernels.kl as kl
-    import distill_fused.kernels.recon as recon
-    import distill_fused.kernels.stft as stft
-
     def counting(kernel):
         def at(grid):
             def launch(*args, **kwargs):
@@ -170,7 +173,7 @@ def triton_launches(monkeypatch):
             return launch
         return type("Counting", (), {"__getitem__": lambda self, grid: at(grid)})()
 
-    for module in (combined, kl, recon, stft):
+    for module in kernel_modules_with("wrap_triton"):
         monkeypatch.setattr(module, "wrap_triton", counting)
     return launched
 

@@ -245,9 +245,10 @@ def step(case: Case, loss_fn=None):
     mu.requires_grad_()
     logvar.requires_grad_()
     leaves = [recon, target, mu, logvar]
-    with _fft_grouping(case.grouping), _index_width(case.wide_index):
+    with _index_width(case.wide_index):
         if case.path == "stft-module":
             module = create_stft_loss(config, "cpu")
+            module.fft_grouping = case.grouping
             b = recon.shape[0]
             loss = module(recon[:, 0].reshape(b, 1, -1), target[:, 0].reshape(b, 1, -1))
             outputs = {"stft": loss}
@@ -260,24 +261,10 @@ def step(case: Case, loss_fn=None):
                          else case.kl_weight)
             run = loss_fn or compute_combined_loss
             outputs = run(recon, target, mu, logvar, config, kl_weight=kl_weight,
-                          _stft_loss_fn=stft_fn, backend="triton")
+                          _stft_loss_fn=stft_fn, backend="triton", fft_grouping=case.grouping)
             loss = outputs["total_loss"]
         loss.backward()
     return outputs, [leaf.grad for leaf in leaves]
-
-
-@contextlib.contextmanager
-def _fft_grouping(grouping):
-    from distill_fused.kernels.stft import GROUPING_ENV
-    old = os.environ.get(GROUPING_ENV)
-    os.environ[GROUPING_ENV] = grouping
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[GROUPING_ENV]
-        else:
-            os.environ[GROUPING_ENV] = old
 
 
 @contextlib.contextmanager
@@ -299,9 +286,10 @@ def _index_width(wide: bool):
 def route_cpu_tensors_to_triton():
     """This process stands in for a GPU: CPU tensors take the ``triton`` backend (whose
     launches compile instead of running), as CUDA tensors would by default."""
-    import distill_fused.backends as backends
-    backends._triton_usable = lambda device: backends._load("triton") is not None
-    os.environ[backends.ENV_VAR] = "triton"
+    import distill_fused.dispatch as dispatch
+    from distill_fused.api.environment import BACKEND_VAR
+    dispatch._triton_usable = lambda device: dispatch._load_triton() is not None
+    os.environ[BACKEND_VAR] = "triton"
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,8 +9,7 @@ import auraloss
 import pytest
 import torch
 
-from conftest import FAST_BACKENDS, LOSS_KEYS, assert_matches_oracle, make_batch, rel_err, \
-    run_loss
+from conftest import FAST_BACKENDS, LOSS_KEYS, assert_matches_oracle, make_batch, rel_err, run_loss
 from distill_fused import KLLossConfig, LossConfig, MultiResolutionSTFTLoss, STFTLossConfig
 
 DTYPES = [torch.float64, torch.float32]
@@ -104,7 +103,7 @@ def test_module_at_the_reflect_boundaries(backend, name, length, seed):
         for t in (0, 1, pad - 1, pad, pad + 1, length - 2 - pad, length - 1 - pad,
                   length - pad, length - 2, length - 1):
             torch.testing.assert_close(g[..., t], g_ref[..., t], rtol=1e-8, atol=1e-14,
-                                       msg=lambda m: f"{side} sample {t}: {m}")
+                                       msg=lambda m, side=side, t=t: f"{side} sample {t}: {m}")
 
 
 def _rectangular_auraloss(settings):

@@ -4,8 +4,15 @@ noise and realistic magnitudes, fresh random inputs, odd and small sizes."""
 import pytest
 import torch
 
-from conftest import (FAST_BACKENDS, assert_matches_oracle, assert_same_results, make_batch,
-                      rel_err, requires_cuda, run_loss)
+from conftest import (
+    FAST_BACKENDS,
+    assert_matches_oracle,
+    assert_same_results,
+    make_batch,
+    rel_err,
+    requires_cuda,
+    run_loss,
+)
 from distill_fused import LossConfig, STFTLossConfig
 
 DTYPES = [torch.float64, torch.float32]

@@ -128,7 +128,7 @@ def test_first_call_inside_a_compiled_step_needs_no_import(tmp_path):
     script = textwrap.dedent("""
         import sys, torch
         import distill_fused
-        from distill_fused.backends import available_backends
+        from distill_fused.dispatch import available_backends
         names = available_backends("cpu")
         assert ("triton" in names) == ("triton" in sys.modules), (names, "triton" in sys.modules)
         g = torch.Generator().manual_seed(0)

@@ -12,9 +12,15 @@ import torch
 
 import distill_fused
 from conftest import make_batch
-from distill_fused import (MultiResolutionSTFTLoss, compute_combined_loss, compute_kl_divergence,
-                           create_stft_loss, get_kl_weight, vae_loss)
-from distill_fused.config import KLLossConfig, LossConfig, ReconLossConfig, STFTLossConfig
+from distill_fused import (
+    MultiResolutionSTFTLoss,
+    compute_combined_loss,
+    compute_kl_divergence,
+    create_stft_loss,
+    get_kl_weight,
+    vae_loss,
+)
+from distill_fused.core.config import KLLossConfig, LossConfig, ReconLossConfig, STFTLossConfig
 
 
 def test_defaults():
@@ -30,13 +36,13 @@ def test_top_level_api():
     """The API lives at the top level, under a name that cannot collide with the application's
     ``distill`` package, and no training config of ours competes with the application's."""
     for name in ("LossConfig", "STFTLossConfig", "ReconLossConfig", "KLLossConfig"):
-        assert getattr(distill_fused, name) is getattr(distill_fused.config, name)
+        assert getattr(distill_fused, name) is getattr(distill_fused.core.config, name)
     for name in ("compute_combined_loss", "create_stft_loss", "vae_loss", "get_kl_weight",
                  "compute_kl_divergence"):
-        assert getattr(distill_fused, name) is getattr(distill_fused.losses, name)
+        assert getattr(distill_fused, name) is getattr(distill_fused.api.losses, name)
     assert set(distill_fused.__all__) <= set(dir(distill_fused))
     assert not hasattr(distill_fused, "TrainingConfig")
-    assert not hasattr(distill_fused.config, "TrainingConfig")
+    assert not hasattr(distill_fused.core.config, "TrainingConfig")
 
 
 @pytest.mark.parametrize("make, field", [

@@ -188,7 +188,7 @@ def test_unpatch_restores_the_host(host_runs):
 def test_nothing_of_the_host_is_shadowed(host_runs):
     """The application's modules come from its own tree on every route; the loss functions are
     ours exactly where a route puts them."""
-    ours = {"distill_fused.losses"}
+    ours = {"distill_fused.api.losses"}
     for tree, runs in (("seed_tree", host_runs["patched"]),
                        ("import_tree", host_runs["imported"])):
         root = host_runs[tree]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import FAST_BACKENDS, make_batch, run_loss
 from aten_launches import launches_kernel
+from conftest import FAST_BACKENDS, make_batch, run_loss
 from distill_fused import LossConfig, compute_combined_loss, create_stft_loss
 
 pytestmark = pytest.mark.skipif("triton" not in FAST_BACKENDS,
@@ -26,27 +26,26 @@ class LaunchCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _step(batch, config, stft_fn, grad_target=False):
+def _step(batch, config, stft_fn, grad_target=False, fft_grouping=None):
     leaves = [t.clone().requires_grad_(i != 1 or grad_target) for i, t in enumerate(batch)]
     counter = LaunchCounter()
     with counter:
         out = compute_combined_loss(*leaves, config, kl_weight=0.01, _stft_loss_fn=stft_fn,
-                                    backend="triton")
+                                    backend="triton", fft_grouping=fft_grouping)
         out["total_loss"].backward()
     return counter.aten, out, leaves
 
 
 @pytest.mark.parametrize("grouping", ["per_resolution", "shared"])
-def test_at_most_16_launches_per_step(triton_launches, seed, grouping, monkeypatch):
-    from distill_fused.kernels.stft import GROUPING_ENV, fft_groups
-    monkeypatch.setenv(GROUPING_ENV, grouping)
+def test_at_most_16_launches_per_step(triton_launches, seed, grouping):
+    from distill_fused.kernels.stft_plan import fft_groups
     config = LossConfig()
     n_ffts = len(fft_groups(config.stft.fft_sizes, grouping))  # 3, or 1 when shared
     stft_fn = create_stft_loss(config, "cpu")
     batch = make_batch("realistic", torch.float32, seed)
-    _step(batch, config, stft_fn)  # warm the per-shape plan, as every step after the first
+    _step(batch, config, stft_fn, fft_grouping=grouping)  # warm the per-shape plan
     triton_launches.clear()
-    aten, _, _ = _step(batch, config, stft_fn)
+    aten, _, _ = _step(batch, config, stft_fn, fft_grouping=grouping)
     total = len(aten) + len(triton_launches)
     print(f"aten: {aten}\ntriton: {triton_launches}\ntotal: {total}")
     assert triton_launches, "the counter saw no Triton launch"

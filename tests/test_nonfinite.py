@@ -7,9 +7,14 @@ import pytest
 import torch
 
 from conftest import FAST_BACKENDS, make_batch
-from distill_fused import (LossConfig, compute_combined_loss, nonfinite_count,
-                           reset_nonfinite_count, set_nonfinite_mode)
-from distill_fused.nonfinite import ENV_VAR
+from distill_fused import (
+    LossConfig,
+    compute_combined_loss,
+    nonfinite_count,
+    reset_nonfinite_count,
+    set_nonfinite_mode,
+)
+from distill_fused.api.environment import NONFINITE_VAR as ENV_VAR
 from test_no_sync import SYNC_OPS, OpRecorder
 
 SEED_WARNING = "compute_combined_loss: total_loss is NaN/Inf, falling back to recon_loss only"

@@ -10,8 +10,13 @@ import pytest
 import torch
 
 from conftest import FAST_BACKENDS, LOSS_KEYS
-from distill_fused import (LossConfig, MultiResolutionSTFTLoss, ReconLossConfig,
-                           STFTLossConfig, compute_combined_loss)
+from distill_fused import (
+    LossConfig,
+    MultiResolutionSTFTLoss,
+    ReconLossConfig,
+    STFTLossConfig,
+    compute_combined_loss,
+)
 
 SMALL = LossConfig(stft=STFTLossConfig(fft_sizes=(16, 32), hop_sizes=(4, 8),
                                        win_lengths=(16, 32)))

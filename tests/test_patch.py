@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 import distill_fused
-from distill_fused import losses
+from distill_fused.api import losses
 
 HOST_FILES = {
     "distill/__init__.py": "",

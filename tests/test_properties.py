@@ -16,8 +16,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import FAST_BACKENDS, assert_matches_oracle, make_batch
-from distill_fused import (KLLossConfig, LossConfig, MultiResolutionSTFTLoss, ReconLossConfig,
-                           STFTLossConfig)
+from distill_fused import (
+    KLLossConfig,
+    LossConfig,
+    MultiResolutionSTFTLoss,
+    ReconLossConfig,
+    STFTLossConfig,
+)
 
 WINDOWS = ["hann_window", "hamming_window", "blackman_window", "bartlett_window"]
 FREE_BITS = [0.0, 0.125, 0.5]  # floors that sqrt(2 fb) reaches exactly (mu = 0, 0.5, 1)

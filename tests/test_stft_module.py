@@ -5,10 +5,20 @@ import auraloss
 import pytest
 import torch
 
-from conftest import (FAST_BACKENDS, assert_matches_oracle, assert_same_results, make_batch,
-                      rel_err, run_loss)
-from distill_fused import (LossConfig, MultiResolutionSTFTLoss, compute_combined_loss,
-                           create_stft_loss)
+from conftest import (
+    FAST_BACKENDS,
+    assert_matches_oracle,
+    assert_same_results,
+    make_batch,
+    rel_err,
+    run_loss,
+)
+from distill_fused import (
+    LossConfig,
+    MultiResolutionSTFTLoss,
+    compute_combined_loss,
+    create_stft_loss,
+)
 
 MODULE_SETTINGS = [
     dict(fft_sizes=[512, 1024, 2048], hop_sizes=[128, 256, 512], win_lengths=[512, 1024, 2048]),

@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from .backends import available_backends
-from .losses import compute_combined_loss, create_stft_loss
+from .api.losses import compute_combined_loss, create_stft_loss
+from .core.config import LossConfig
+from .dispatch import available_backends
 from .synthetic import realistic_batch
-from .config import LossConfig
 
 
 def _loss_and_grads(batch, backend, dtype, config, stft_fn, kl_weight):
@@ -63,7 +63,7 @@ def _report(batch, backends, device, reps, config, stft_fn, kl_weight) -> None:
             grad_err = max(_rel(g, g_ref) for g, g_ref in zip(grads, oracle_grads))
             leaves = [t.detach().to(dtype).requires_grad_(i != 1) for i, t in enumerate(batch)]
 
-            def step():
+            def step(leaves=leaves, backend=backend):
                 for leaf in leaves:
                     leaf.grad = None
                 compute_combined_loss(*leaves, config, kl_weight=kl_weight,

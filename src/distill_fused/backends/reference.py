@@ -9,10 +9,8 @@ from __future__ import annotations
 import auraloss
 import torch
 
-from ..mrstft import MRSTFTSettings
-from .common import LOSS_KEYS, Combined, compute_dtype
-
-name = "reference"
+from ..core.outputs import LOSS_KEYS, Combined, compute_dtype
+from ..core.settings import MRSTFTSettings
 
 
 def auraloss_module(settings: MRSTFTSettings) -> auraloss.freq.MultiResolutionSTFTLoss:
@@ -32,12 +30,18 @@ def auraloss_module(settings: MRSTFTSettings) -> auraloss.freq.MultiResolutionST
     return module
 
 
-def mrstft_loss(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings) -> torch.Tensor:
+def mrstft_loss(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings, *,
+                fft_grouping: str = "per_resolution", clamped: bool = False) -> torch.Tensor:
+    """auraloss's MRSTFT (``torch.stft`` per resolution: ``fft_grouping`` does not apply), or
+    ``max(MRSTFT, 0)`` with ``clamped``."""
     dtype = compute_dtype(x, y)
-    return auraloss_module(settings)(x.to(dtype), y.to(dtype))
+    loss = auraloss_module(settings)(x.to(dtype), y.to(dtype))
+    return torch.clamp(loss, min=0.0) if clamped else loss
 
 
-def combined_loss(recon, target, mu, logvar, config, kl_weight, stft) -> Combined:
+def combined_loss(recon, target, mu, logvar, config, kl_weight, stft, *,
+                  fft_grouping: str = "per_resolution") -> Combined:
+    """The seed's computation, line for line (``fft_grouping`` does not apply)."""
     dtype = compute_dtype(recon, target, mu, logvar)
     recon, target, mu, logvar = (t.to(dtype) for t in (recon, target, mu, logvar))
     batch = recon.shape[0]

@@ -14,13 +14,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..mrstft import MRSTFTSettings
-from ..tracing import tracing
-from ..gradients import first_order_only, scale_clamped_grad, scale_saved_grad
-from .common import Combined, assemble_combined_loss, compute_dtype
-
-name = "torch"
-
+from ..core.gradients import first_order_only, gated_grad
+from ..core.outputs import Combined, compute_dtype
+from ..core.settings import MRSTFTSettings
+from ..core.tracing import tracing
+from .assemble import assemble_combined_loss
 
 # --------------------------------------------------------------------------------------------
 # Multi-resolution STFT loss
@@ -77,12 +75,12 @@ def _stft_adjoint(grad_spec: torch.Tensor, window: torch.Tensor, hop: int,
     return torch.ops.aten.reflection_pad1d_backward(padded, like, [pad, pad])
 
 
-def _cached(settings: MRSTFTSettings, key, make):
-    """``settings.cache[key]``, made on first use; a traced step makes its own and keeps none
-    (a tensor made inside a compiled graph must not outlive it)."""
+def _cached(settings: MRSTFTSettings, key, make, *args):
+    """``settings.cache[key]``, made on first use as ``make(*args)``; a traced step makes its
+    own and keeps none (a tensor made inside a compiled graph must not outlive it)."""
     value = settings.cache.get(key)
     if value is None:
-        value = make()
+        value = make(*args)
         if not tracing():
             settings.cache[key] = value
     return value
@@ -115,8 +113,8 @@ def _mrstft_value_and_grads(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSe
     loss = torch.zeros((), device=device, dtype=dtype)
     grad = None
     for index, res in enumerate(settings.resolutions):
-        window = _cached(settings, ("window", index, device, dtype),
-                         lambda: settings.padded_window(index, device, dtype))
+        window = _cached(settings, ("window", index, device, dtype), settings.padded_window,
+                         index, device, dtype)
         # [2S, frames, F]: torch.stft's own memory order, so every pass below is contiguous.
         spec = torch.stft(both, res.n_fft, res.hop, window=window, center=True,
                           pad_mode="reflect", normalized=False, onesided=True,
@@ -161,8 +159,8 @@ def _mrstft_value_and_grads(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSe
                     coef.addcmul_(m, -w_sc * num / den.pow(3))
             coefs.append(coef.div_(m))
         coef = torch.cat(coefs) if len(coefs) == 2 else coefs[0]
-        half = _cached(settings, ("half", index, device, dtype),
-                       lambda: _half_spectrum_weights(res.n_fft, device, dtype))
+        half = _cached(settings, ("half", index, device, dtype), _half_spectrum_weights,
+                       res.n_fft, device, dtype)
         coef.masked_fill_(clamped[grad_rows], 0.0).mul_(half)
         res_grad = _stft_adjoint(spec[grad_rows] * coef, window, res.hop, both[grad_rows])
         grad = res_grad if grad is None else grad + res_grad
@@ -193,18 +191,19 @@ class _MRSTFTLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, _grad_loss, _grad_grad):
         loss, grad, x, y = ctx.saved_tensors
-        grad = scale_clamped_grad(grad, grad_output, loss)
+        grad = gated_grad(grad, grad_output, loss)
         if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
             gx, gy = grad.chunk(2)
         else:
             gx, gy = (grad, None) if ctx.needs_input_grad[0] else (None, grad)
-        return (*first_order_only(name, (gx, gy), (x, y)), None, None, None, None)
+        return (*first_order_only("torch", (gx, gy), (x, y)), None, None, None, None)
 
 
-def mrstft_loss(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings,
-                clamped: bool = False) -> torch.Tensor:
+def mrstft_loss(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings, *,
+                fft_grouping: str = "per_resolution", clamped: bool = False) -> torch.Tensor:
     """MRSTFT of ``[B, C, T]`` signals (half precision computed in float32), or
-    ``max(MRSTFT, 0)`` with ``clamped``; no gradient is computed under ``torch.no_grad()``."""
+    ``max(MRSTFT, 0)`` with ``clamped``; no gradient is computed under ``torch.no_grad()``.
+    ``torch.stft`` runs one FFT per resolution: ``fft_grouping`` does not apply."""
     dtype = compute_dtype(x, y)
     length = x.shape[-1]
     grad_x, grad_y = (torch.is_grad_enabled() and t.requires_grad for t in (x, y))
@@ -268,8 +267,8 @@ class _FreeBitsKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, _grad_g_mu, _grad_g_logvar):
         g_mu, g_logvar, mu, logvar = ctx.saved_tensors
-        grads = (scale_saved_grad(g_mu, grad_output), scale_saved_grad(g_logvar, grad_output))
-        return (*first_order_only(name, grads, (mu, logvar)), None, None, None)
+        grads = (gated_grad(g_mu, grad_output), gated_grad(g_logvar, grad_output))
+        return (*first_order_only("torch", grads, (mu, logvar)), None, None, None)
 
 
 def free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float,
@@ -282,7 +281,8 @@ def free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float,
     return kl
 
 
-def combined_loss(recon, target, mu, logvar, config, kl_weight, stft) -> Combined:
+def combined_loss(recon, target, mu, logvar, config, kl_weight, stft, *,
+                  fft_grouping: str = "per_resolution") -> Combined:
     return assemble_combined_loss(recon, target, mu, logvar, config, kl_weight, stft,
                                   recon_terms=recon_terms, free_bits_kl=free_bits_kl,
-                                  mrstft_loss=mrstft_loss)
+                                  mrstft_loss=mrstft_loss, fft_grouping=fft_grouping)

@@ -69,11 +69,11 @@ def patch_distill(module: str = HOST_MODULE, *, nonfinite: Optional[str] = None)
     ``create_stft_loss``, ``vae_loss``, ``get_kl_weight``, ``compute_kl_divergence``: those
     it defines) with this package's, everywhere the application holds them.
 
-    ``nonfinite``: the mode of the patched ``compute_combined_loss`` (``distill_fused.nonfinite``);
-    ``None`` (the default) follows ``set_nonfinite_mode`` (``"silent"`` unless set). ``"warn"``
-    keeps the application's warning when the total is not finite, at the cost of a host read
-    per step (which the seed's loss made too); ``"count"`` counts without one. Patching again
-    replaces the patch.
+    ``nonfinite``: the mode of the patched ``compute_combined_loss``
+    (``distill_fused.api.nonfinite``); ``None`` (the default) follows ``set_nonfinite_mode``
+    (``"silent"`` unless set). ``"warn"`` keeps the application's warning when the total is not
+    finite, at the cost of a host read per step (which the seed's loss made too); ``"count"``
+    counts without one. Patching again replaces the patch.
     """
     global _active
     if nonfinite is not None:

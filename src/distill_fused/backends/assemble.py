@@ -1,31 +1,22 @@
-"""What the backends share: input dtypes, what ``combined_loss`` returns, and the assembly of
-the combined loss from a backend's term functions."""
+"""The combined loss assembled from a backend's three term functions (the ``torch`` backend,
+and the ``triton`` backend's modular path)."""
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple, Union
+from typing import Callable, Union
 
 import torch
 
-from ..mrstft import MRSTFTSettings
+from ..core.outputs import LOSS_KEYS, Combined, compute_dtype
+from ..core.settings import MRSTFTSettings
 
-LOSS_KEYS = ("total_loss", "stft_loss", "mag_recon_loss", "if_recon_loss", "kl_loss",
-             "recon_loss")
-
-# What every backend's ``combined_loss`` returns: the six losses by name, and the guard's
-# decision (0-dim, true/nonzero where the total was finite) for ``distill_fused.nonfinite``.
-Combined = Tuple[Dict[str, torch.Tensor], torch.Tensor]
-
+# The STFT term: the settings a fast backend computes, or a callable called as given.
 StftTerm = Union[MRSTFTSettings, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 
 
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32 (half precision is upcast)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def assemble_combined_loss(recon, target, mu, logvar, config, kl_weight, stft: StftTerm, *,
-                           recon_terms, free_bits_kl, mrstft_loss) -> Combined:
+                           recon_terms, free_bits_kl, mrstft_loss, fft_grouping: str
+                           ) -> Combined:
     """The combined loss from a backend's term functions, each computed in the dtype of the
     result (``compute_dtype`` of all four inputs, as the reference computes it), so that every
     output has that one dtype. No value is read back to the host.
@@ -51,7 +42,7 @@ def assemble_combined_loss(recon, target, mu, logvar, config, kl_weight, stft: S
     x = recon[:, 0].reshape(batch, 1, -1)
     y = target[:, 0].reshape(batch, 1, -1)
     if isinstance(stft, MRSTFTSettings):
-        stft_loss = mrstft_loss(x, y, stft, clamped=True)
+        stft_loss = mrstft_loss(x, y, stft, fft_grouping=fft_grouping, clamped=True)
     else:
         stft_loss = stft(x, y).to(dtype).clamp_min(0.0)
 

@@ -5,11 +5,11 @@ The fast backends compute their gradients in the forward pass, in closed form (s
 ``backends/torch_backend.py`` and ``kernels/``); their backward only scales what was saved.
 Two consequences are made explicit here:
 
-- A term that no gradient reaches sends nothing: ``scale_saved_grad`` gives exactly 0 where
-  the incoming gradient is 0, even where the saved gradient is NaN or inf, as autograd (which
+- A term that no gradient reaches sends nothing: ``gated_grad`` gives exactly 0 where the
+  incoming gradient is 0, even where the saved gradient is NaN or inf, as autograd (which
   never visits such a term) does. The non-finite guard relies on it: with the total not finite
-  the STFT and KL terms get 0 and must not turn it into ``0 * nan``. ``scale_clamped_grad``
-  adds the STFT term's clamp at 0. (The fused kernels decide "reached" by which outputs have
+  the STFT and KL terms get 0 and must not turn it into ``0 * nan``. Its ``unclamped`` adds the
+  STFT term's clamp at 0. (The fused kernels decide "reached" by which outputs have
   an incoming gradient at all: ``kernels/combined.py``.)
 - First-order only: the saved gradient is a constant to autograd, so a gradient of the gradient
   (``create_graph=True`` then a Hessian-vector product, nested ``torch.func.grad``) would miss
@@ -31,19 +31,15 @@ SECOND_ORDER_ERROR = (
 )
 
 
-def scale_saved_grad(grad: Optional[torch.Tensor], grad_output: torch.Tensor):
-    """``grad * grad_output``, and exactly 0 where ``grad_output == 0``."""
+def gated_grad(grad: Optional[torch.Tensor], grad_output: torch.Tensor,
+               unclamped: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """``grad * grad_output`` for a saved gradient ``grad``, and exactly 0 where
+    ``grad_output == 0`` (the term is not reached). With ``unclamped`` (``L``, for a term
+    returned as ``max(L, 0)``), a reached term's gradient passes as through ``torch.clamp``: 0
+    where ``L < 0`` or is NaN, and multiplied in there too (``0 * nan`` is NaN, as in the
+    reference's autograd). (The kernels' ``gated_grad`` is the same rule.)"""
     if grad is None:
         return None
-    return torch.where(grad_output != 0, grad * grad_output, torch.zeros_like(grad))
-
-
-def scale_clamped_grad(grad: torch.Tensor, grad_output: torch.Tensor,
-                       unclamped: Optional[torch.Tensor]) -> torch.Tensor:
-    """``scale_saved_grad`` for a term returned as ``max(L, 0)`` (``unclamped``: ``L``; ``None``
-    for a term returned as it is). Where a gradient reaches the term it passes as through
-    ``torch.clamp``: 0 where ``L < 0`` or is NaN, and multiplied in there too (``0 * nan`` is
-    NaN, as in the reference's autograd)."""
     gate = grad_output if unclamped is None else torch.where(unclamped >= 0, grad_output, 0.0)
     return torch.where(grad_output != 0, grad * gate.to(grad.dtype), 0.0)
 

@@ -11,7 +11,7 @@
     total_loss     = recon_loss where total_loss is not finite (gradients: recon_loss's alone)
 
 with ``rm, ri = recon[:, 0], recon[:, 1]`` and ``tm, ti = target[:, 0], target[:, 1]``.
-The work is done by the backend that ``distill_fused.backends.select_backend`` picks.
+The work is done by the backend that ``distill_fused.dispatch.select_backend`` picks.
 ``loss_config`` may be a ``distill_fused.LossConfig`` or the host application's own config
 object with the same fields.
 """
@@ -23,12 +23,14 @@ from typing import Dict, Optional
 
 import torch
 
-from .backends import select_backend
+from ..core.config import LossConfig, as_loss_config
+from ..core.settings import MRSTFTSettings, settings_from_auraloss
+from ..core.tracing import tracing
+from ..dispatch import select_backend
+from . import environment
 from .checks import check_combined_inputs
-from .config import LossConfig, as_loss_config
-from .mrstft import MRSTFTSettings, MultiResolutionSTFTLoss, settings_from_auraloss
 from .nonfinite import nonfinite_mode, record
-from .tracing import tracing
+from .stft_module import MultiResolutionSTFTLoss
 
 __all__ = ["compute_combined_loss", "create_stft_loss", "vae_loss", "get_kl_weight",
            "compute_kl_divergence", "MultiResolutionSTFTLoss"]
@@ -41,7 +43,8 @@ def create_stft_loss(loss_config: LossConfig, device=None) -> MultiResolutionSTF
     module = MultiResolutionSTFTLoss(fft_sizes=cfg.fft_sizes, hop_sizes=cfg.hop_sizes,
                                      win_lengths=cfg.win_lengths)
     if device is not None:
-        select_backend(device)  # imports the device's backend now, outside any compiled step
+        # Imports the device's backend now, outside any compiled step.
+        select_backend(device, *environment.backend_choice(None))
         module = module.to(device)
     return module
 
@@ -60,7 +63,7 @@ def _config_settings(loss_config: LossConfig) -> MRSTFTSettings:
 
 
 _CONFIG_SETTINGS: Dict[tuple, MRSTFTSettings] = {}
-_AURALOSS_SETTINGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_AURALOSS_SETTINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _stft_term(loss_config: LossConfig, stft_loss_fn):
@@ -102,6 +105,7 @@ def compute_combined_loss(
     *,
     backend: Optional[str] = None,
     nonfinite: Optional[str] = None,
+    fft_grouping: Optional[str] = None,
 ) -> Dict[str, torch.Tensor]:
     """The combined VAE loss (see the module docstring) as a dict of 0-dim tensors with keys
     ``total_loss, stft_loss, mag_recon_loss, if_recon_loss, kl_loss, recon_loss``, all in one
@@ -115,20 +119,26 @@ def compute_combined_loss(
     ``backend``: ``auto``, ``reference``, ``torch`` or ``triton``; default: the environment
     variable ``DISTILL_LOSS_BACKEND``, else ``auto``.
     ``nonfinite``: ``silent``, ``count`` or ``warn``, what to do beyond the fallback when the
-    total is not finite (``distill_fused.nonfinite``); default: ``set_nonfinite_mode``'s, else
+    total is not finite (``distill_fused.api.nonfinite``); default: ``set_nonfinite_mode``'s, else
     the environment variable ``DISTILL_NONFINITE``, else ``silent``.
+    ``fft_grouping``: how the ``triton`` backend groups the STFT term's FFTs, ``per_resolution``
+    (one FFT per resolution: less memory) or ``shared`` (one FFT per group of resolutions whose
+    sizes divide each other: fewer launches, computed in float64); default: the environment
+    variable ``DISTILL_FFT_GROUPING``, else ``per_resolution``. The other backends run one FFT
+    per resolution.
 
     NaN and inf give the reference's non-finite values and gradients, element by element. The
     ``torch`` and ``triton`` backends give first-order gradients only: differentiating their
     gradients again raises ``RuntimeError`` (``reference`` computes it).
     """
     mode = nonfinite_mode(nonfinite)
+    grouping = environment.fft_grouping(fft_grouping)
     loss_config = as_loss_config(loss_config)
     stft = _stft_term(loss_config, _stft_loss_fn)
     kl_weight = check_combined_inputs(recon, target, mu, logvar, kl_weight, stft)
-    chosen = select_backend(recon.device, backend)
+    chosen = select_backend(recon.device, *environment.backend_choice(backend))
     losses, finite = chosen.combined_loss(recon, target, mu, logvar, loss_config, kl_weight,
-                                          stft)
+                                          stft, fft_grouping=grouping)
     record(finite, mode)
     return losses
 

@@ -1,4 +1,5 @@
-"""Checks of ``compute_combined_loss``'s arguments, all made before any work is done."""
+"""Checks of the arguments of ``compute_combined_loss`` and ``MultiResolutionSTFTLoss``, all made
+before any work is done."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numbers
 
 import torch
 
-from .mrstft import MRSTFTSettings
+from ..core.settings import MRSTFTSettings
 
 
 def _check_tensor(name: str, t) -> None:
@@ -73,3 +74,28 @@ def check_combined_inputs(recon, target, mu, logvar, kl_weight, settings):
                 f"H*W must be at least {settings.min_length}"
             )
     return kl_weight
+
+
+def check_signals(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings) -> None:
+    """The checks auraloss's call signature implies, raised before any work."""
+    for name, t in (("input", x), ("target", y)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be [B, C, T], got shape {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if x.shape != y.shape:
+        raise ValueError(f"input and target must have the same shape, got {tuple(x.shape)} "
+                         f"and {tuple(y.shape)}")
+    if x.device != y.device:
+        raise ValueError(f"input and target must be on the same device, got {x.device} "
+                         f"and {y.device}")
+    if x.shape[0] * x.shape[1] == 0:
+        raise ValueError(f"input must hold at least one signal, got shape {tuple(x.shape)}")
+    if x.shape[-1] < settings.min_length:
+        raise ValueError(
+            f"signals of length {x.shape[-1]} are too short for fft size "
+            f"{max(r.n_fft for r in settings.resolutions)}: the shortest length allowed is "
+            f"{settings.min_length} (reflect padding needs T > n_fft // 2)"
+        )

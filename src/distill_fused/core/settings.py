@@ -1,4 +1,4 @@
-"""The multi-resolution STFT loss as a module, and the settings every backend computes it from.
+"""The settings of a multi-resolution STFT loss: what every backend computes it from.
 
 For signals ``x`` (input) and ``y`` (target) of shape ``[B, C, T]``, folded to ``[B*C, T]``, and
 each resolution ``(n_fft, hop, win)`` (auraloss 0.4.0's definition)::
@@ -22,7 +22,6 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from .config import as_sizes
-from .tracing import tracing
 
 
 @dataclass(frozen=True)
@@ -126,112 +125,3 @@ def settings_from_auraloss(module) -> Optional[MRSTFTSettings]:
         w_sc=float(first.w_sc), w_log_mag=float(first.w_log_mag),
         w_lin_mag=float(first.w_lin_mag), eps=float(first.eps),
     )
-
-
-def check_signals(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings) -> None:
-    """The checks auraloss's call signature implies, raised before any work."""
-    for name, t in (("input", x), ("target", y)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be [B, C, T], got shape {tuple(t.shape)}")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if x.shape != y.shape:
-        raise ValueError(f"input and target must have the same shape, got {tuple(x.shape)} "
-                         f"and {tuple(y.shape)}")
-    if x.device != y.device:
-        raise ValueError(f"input and target must be on the same device, got {x.device} "
-                         f"and {y.device}")
-    if x.shape[0] * x.shape[1] == 0:
-        raise ValueError(f"input must hold at least one signal, got shape {tuple(x.shape)}")
-    if x.shape[-1] < settings.min_length:
-        raise ValueError(
-            f"signals of length {x.shape[-1]} are too short for fft size "
-            f"{max(r.n_fft for r in settings.resolutions)}: the shortest length allowed is "
-            f"{settings.min_length} (reflect padding needs T > n_fft // 2)"
-        )
-
-
-# auraloss options this module does not compute, with the values that mean "off".
-_UNSUPPORTED = {"w_phs": 0.0, "scale": None, "perceptual_weighting": False,
-                "scale_invariance": False, "reduction": "mean", "mag_distance": "L1",
-                "output": "loss"}
-# auraloss options that only matter together with an unsupported one (accepted, unused).
-_INERT = {"sample_rate", "n_bins", "device"}
-
-
-def _reject_unsupported(options: dict) -> None:
-    for name, value in options.items():
-        if name in _INERT:
-            continue
-        if name not in _UNSUPPORTED:
-            raise TypeError(f"MultiResolutionSTFTLoss got an unexpected argument {name!r}")
-        if value != _UNSUPPORTED[name]:
-            raise ValueError(
-                f"{name}={value!r} is not supported by distill_fused's MultiResolutionSTFTLoss "
-                f"(only {name}={_UNSUPPORTED[name]!r}); pass an auraloss "
-                "MultiResolutionSTFTLoss as _stft_loss_fn to have it called as given")
-
-
-_SETTINGS = ("fft_sizes", "hop_sizes", "win_lengths", "window", "w_sc", "w_log_mag", "w_lin_mag",
-             "eps")
-
-
-class MultiResolutionSTFTLoss(torch.nn.Module):
-    """Drop-in for ``auraloss.freq.MultiResolutionSTFTLoss`` (its supported options), computed by
-    the selected backend. ``forward(input, target)`` takes ``[B, C, T]`` and returns a scalar."""
-
-    def __init__(
-        self,
-        fft_sizes: Sequence[int] = (1024, 2048, 512),
-        hop_sizes: Sequence[int] = (120, 240, 50),
-        win_lengths: Sequence[int] = (600, 1200, 240),
-        window: str = "hann_window",
-        w_sc: float = 1.0,
-        w_log_mag: float = 1.0,
-        w_lin_mag: float = 0.0,
-        eps: float = 1e-8,
-        backend: Optional[str] = None,
-        **auraloss_options,
-    ):
-        super().__init__()
-        _reject_unsupported(auraloss_options)
-        s = make_settings(fft_sizes, hop_sizes, win_lengths, window, w_sc, w_log_mag,
-                          w_lin_mag, eps)
-        self.fft_sizes = [r.n_fft for r in s.resolutions]
-        self.hop_sizes = [r.hop for r in s.resolutions]
-        self.win_lengths = [r.win_length for r in s.resolutions]
-        self.window, self.w_sc, self.w_log_mag, self.w_lin_mag, self.eps = (
-            window, s.w_sc, s.w_log_mag, s.w_lin_mag, s.eps)
-        self.backend = backend
-        self._settings, self._settings_key = s, self._current_key()
-
-    def _current_key(self) -> tuple:
-        return tuple(tuple(v) if isinstance(v, (list, tuple)) else v
-                     for v in (getattr(self, name) for name in _SETTINGS))
-
-    @property
-    def settings(self) -> MRSTFTSettings:
-        """The settings of the attributes as they are now: changing one (``m.w_sc = 0``,
-        ``m.fft_sizes = [...]``, in place or not) re-plans the loss at the next call, checked
-        as the constructor checks it."""
-        key = self._current_key()
-        if key != self._settings_key:
-            settings = make_settings(*(getattr(self, name) for name in _SETTINGS))
-            if tracing():  # windows made while tracing stay in the traced step
-                return settings
-            self._settings, self._settings_key = settings, key
-        return self._settings
-
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        from .backends import select_backend
-
-        check_signals(input, target, self.settings)
-        backend = select_backend(input.device, self.backend)
-        return backend.mrstft_loss(input, target, self.settings)
-
-    def extra_repr(self) -> str:
-        return (f"fft_sizes={self.fft_sizes}, hop_sizes={self.hop_sizes}, "
-                f"win_lengths={self.win_lengths}, window={self.window!r}, w_sc={self.w_sc}, "
-                f"w_log_mag={self.w_log_mag}, w_lin_mag={self.w_lin_mag}, eps={self.eps}")

@@ -22,12 +22,12 @@ so here it is a choice, made with ``set_nonfinite_mode(mode)``, the environment 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Dict, Optional
 
 import torch
 
-ENV_VAR = "DISTILL_NONFINITE"
+from .environment import NONFINITE_VAR, nonfinite_mode_variable
+
 MODES = ("silent", "count", "warn")
 
 logger = logging.getLogger("distill_fused")
@@ -57,8 +57,8 @@ def nonfinite_mode(override: Optional[str] = None) -> str:
         return _check_mode(override, "nonfinite")
     if _mode is not None:
         return _mode
-    env = os.environ.get(ENV_VAR)
-    return _check_mode(env, ENV_VAR) if env else "silent"
+    env = nonfinite_mode_variable()
+    return _check_mode(env, NONFINITE_VAR) if env else "silent"
 
 
 def nonfinite_count(device) -> torch.Tensor:

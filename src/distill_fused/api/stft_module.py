@@ -1,0 +1,105 @@
+"""``MultiResolutionSTFTLoss``: the multi-resolution STFT loss as a module, auraloss's drop-in
+(its math: ``distill_fused.core.settings``)."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..core.settings import MRSTFTSettings, make_settings
+from ..core.tracing import tracing
+from ..dispatch import select_backend
+from . import environment
+from .checks import check_signals
+
+# auraloss options this module does not compute, with the values that mean "off".
+_UNSUPPORTED = {"w_phs": 0.0, "scale": None, "perceptual_weighting": False,
+                "scale_invariance": False, "reduction": "mean", "mag_distance": "L1",
+                "output": "loss"}
+# auraloss options that only matter together with an unsupported one (accepted, unused).
+_INERT = {"sample_rate", "n_bins", "device"}
+
+
+def _reject_unsupported(options: dict) -> None:
+    for name, value in options.items():
+        if name in _INERT:
+            continue
+        if name not in _UNSUPPORTED:
+            raise TypeError(f"MultiResolutionSTFTLoss got an unexpected argument {name!r}")
+        if value != _UNSUPPORTED[name]:
+            raise ValueError(
+                f"{name}={value!r} is not supported by distill_fused's MultiResolutionSTFTLoss "
+                f"(only {name}={_UNSUPPORTED[name]!r}); pass an auraloss "
+                "MultiResolutionSTFTLoss as _stft_loss_fn to have it called as given")
+
+
+_SETTINGS = ("fft_sizes", "hop_sizes", "win_lengths", "window", "w_sc", "w_log_mag", "w_lin_mag",
+             "eps")
+
+
+class MultiResolutionSTFTLoss(torch.nn.Module):
+    """Drop-in for ``auraloss.freq.MultiResolutionSTFTLoss`` (its supported options), computed by
+    the selected backend. ``forward(input, target)`` takes ``[B, C, T]`` and returns a scalar.
+
+    Beyond auraloss's arguments: ``backend`` (default: ``DISTILL_LOSS_BACKEND``, else ``auto``)
+    and ``fft_grouping`` (the ``triton`` backend's: ``per_resolution`` or ``shared``; default:
+    ``DISTILL_FFT_GROUPING``, else ``per_resolution``), read at each call."""
+
+    def __init__(
+        self,
+        fft_sizes: Sequence[int] = (1024, 2048, 512),
+        hop_sizes: Sequence[int] = (120, 240, 50),
+        win_lengths: Sequence[int] = (600, 1200, 240),
+        window: str = "hann_window",
+        w_sc: float = 1.0,
+        w_log_mag: float = 1.0,
+        w_lin_mag: float = 0.0,
+        eps: float = 1e-8,
+        backend: Optional[str] = None,
+        fft_grouping: Optional[str] = None,
+        **auraloss_options,
+    ):
+        super().__init__()
+        _reject_unsupported(auraloss_options)
+        s = make_settings(fft_sizes, hop_sizes, win_lengths, window, w_sc, w_log_mag,
+                          w_lin_mag, eps)
+        self.fft_sizes = [r.n_fft for r in s.resolutions]
+        self.hop_sizes = [r.hop for r in s.resolutions]
+        self.win_lengths = [r.win_length for r in s.resolutions]
+        self.window, self.w_sc, self.w_log_mag, self.w_lin_mag, self.eps = (
+            window, s.w_sc, s.w_log_mag, s.w_lin_mag, s.eps)
+        self.backend = backend
+        if fft_grouping is not None:
+            environment.fft_grouping(fft_grouping)  # checked now, as the other arguments
+        self.fft_grouping = fft_grouping
+        self._settings, self._settings_key = s, self._current_key()
+
+    def _current_key(self) -> tuple:
+        return tuple(tuple(v) if isinstance(v, (list, tuple)) else v
+                     for v in (getattr(self, name) for name in _SETTINGS))
+
+    @property
+    def settings(self) -> MRSTFTSettings:
+        """The settings of the attributes as they are now: changing one (``m.w_sc = 0``,
+        ``m.fft_sizes = [...]``, in place or not) re-plans the loss at the next call, checked
+        as the constructor checks it."""
+        key = self._current_key()
+        if key != self._settings_key:
+            settings = make_settings(*(getattr(self, name) for name in _SETTINGS))
+            if tracing():  # windows made while tracing stay in the traced step
+                return settings
+            self._settings, self._settings_key = settings, key
+        return self._settings
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        settings = self.settings
+        grouping = environment.fft_grouping(self.fft_grouping)
+        check_signals(input, target, settings)
+        backend = select_backend(input.device, *environment.backend_choice(self.backend))
+        return backend.mrstft_loss(input, target, settings, fft_grouping=grouping)
+
+    def extra_repr(self) -> str:
+        return (f"fft_sizes={self.fft_sizes}, hop_sizes={self.hop_sizes}, "
+                f"win_lengths={self.win_lengths}, window={self.window!r}, w_sc={self.w_sc}, "
+                f"w_log_mag={self.w_log_mag}, w_lin_mag={self.w_lin_mag}, eps={self.eps}")

@@ -1,0 +1,102 @@
+"""Backend selection: which backend's functions compute a call.
+
+Every backend offers the same two functions, ``combined_loss`` and ``mrstft_loss`` (see
+``backends/``); ``BACKENDS`` below names them, one row per backend:
+
+- ``reference``: auraloss and plain torch (the oracle; ``backends/reference.py``);
+- ``torch``: pure PyTorch with closed-form gradients, every device (``backends/torch_backend.py``);
+- ``triton``: Triton kernels (``backends/triton_backend.py`` -> ``kernels/``), for CUDA tensors
+  and for CPU tensors under ``TRITON_INTERPRET=1``. It imports Triton, so it is loaded on first
+  use (and at import where it can serve, below); an ``ImportError`` makes it unavailable.
+
+``auto`` picks ``triton`` for CUDA tensors when Triton imports, else ``torch``. An unknown or
+unavailable name is a ``ValueError`` listing the backends available for the tensors at hand.
+The API layer (``api/``) passes the name, and where it came from; nothing below imports this
+module.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+
+from .backends import reference, torch_backend
+
+NAMES = ("auto", "reference", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    combined_loss: Callable  # (recon, target, mu, logvar, config, kl_weight, stft, *, fft_grouping)
+    mrstft_loss: Callable    # (x, y, settings, *, fft_grouping, clamped=False)
+
+
+REFERENCE = Backend("reference", reference.combined_loss, reference.mrstft_loss)
+TORCH = Backend("torch", torch_backend.combined_loss, torch_backend.mrstft_loss)
+
+_triton: Optional[Backend] = None
+_triton_import_error: Optional[str] = None
+
+
+def _load_triton() -> Optional[Backend]:
+    """The ``triton`` backend, imported once; ``None`` where Triton does not import."""
+    global _triton, _triton_import_error
+    if _triton is None and _triton_import_error is None:
+        try:
+            from .backends import triton_backend
+        except ImportError as exc:
+            _triton_import_error = str(exc)
+        else:
+            _triton = Backend("triton", triton_backend.combined_loss,
+                              triton_backend.mrstft_loss)
+    return _triton
+
+
+def _triton_usable(device: torch.device) -> bool:
+    """Triton runs CUDA tensors, and CPU tensors under its interpreter."""
+    interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not interpreted:
+        return False
+    return _load_triton() is not None
+
+
+def available_backends(device) -> List[str]:
+    """The backends that can compute tensors on ``device`` here."""
+    names = ["reference", "torch"]
+    if _triton_usable(torch.device(device)):
+        names.append("triton")
+    return names
+
+
+def select_backend(device, name: str = "auto", source: str = "the backend argument") -> Backend:
+    """The backend named ``name`` (``source``: where the name came from, for the error) for
+    tensors on ``device``."""
+    device = torch.device(device)
+    if name == "reference":
+        return REFERENCE
+    if name == "torch":
+        return TORCH
+    if name not in NAMES:
+        raise ValueError(f"unknown loss backend {name!r} (from {source}); available for "
+                         f"{device.type} tensors: "
+                         f"{', '.join(['auto'] + available_backends(device))}")
+    if name == "auto":
+        return _load_triton() if device.type == "cuda" and _triton_usable(device) else TORCH
+    if not _triton_usable(device):
+        why = _triton_import_error or (
+            "Triton runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1")
+        raise ValueError(f"loss backend {name!r} is not available for {device.type} tensors "
+                         f"here ({why}); available: "
+                         f"{', '.join(['auto'] + available_backends(device))}")
+    return _load_triton()
+
+
+# Where the triton backend can serve (a CUDA build of torch, or the interpreter) it is imported
+# with the package: a step compiled by torch.compile must find it loaded, since Dynamo cannot
+# trace an import. (``torch.version.cuda`` is a build fact: no CUDA call is made here.)
+if torch.version.cuda is not None or os.environ.get("TRITON_INTERPRET") == "1":
+    _load_triton()
