@@ -7,8 +7,9 @@ import torch
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from distill_fused import compute_combined_loss
+from distill_fused import LossConfig, STFTLossConfig, compute_combined_loss
 from distill_fused.dispatch import available_backends
 from distill_fused.synthetic import noise_batch, realistic_batch
 
@@ -68,8 +69,35 @@ def pytest_collection_modifyitems(config, items):
     items[:] = keep
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                   reason="no CUDA GPU present: CUDA variant skipped")
+# Shared marks. A test that needs an NVIDIA GPU is marked ``cuda`` (pyproject.toml) and skipped,
+# saying so, where none is present: ``requires_cuda`` as a decorator, ``cuda_marks()`` for
+# ``pytestmark`` or ``pytest.param(marks=...)``. One that needs the triton backend on CPU tensors
+# is skipped, saying why, without TRITON_INTERPRET=1: ``requires_triton``.
+def cuda_marks(what="CUDA variant"):
+    """The ``cuda`` mark, and a skip where no CUDA GPU is present whose reason says ``what`` is
+    skipped."""
+    return [pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(),
+                               reason=f"no CUDA GPU present: {what} skipped")]
+
+
+def requires_cuda(test):
+    """``test`` with ``cuda_marks()``: marked ``cuda``, skipped where no CUDA GPU is present."""
+    for mark in cuda_marks():
+        test = mark(test)
+    return test
+
+
+requires_triton = pytest.mark.skipif("triton" not in FAST_BACKENDS,
+                                     reason="the triton backend is not available here "
+                                            "(CPU tensors need TRITON_INTERPRET=1)")
+
+# The dtypes the oracle's tolerances are set for, and the target's gradient off and on, with the
+# ids the tests' names show.
+float64_and_float32 = pytest.mark.parametrize("dtype", [torch.float64, torch.float32],
+                                              ids=["f64", "f32"])
+with_and_without_target_grad = pytest.mark.parametrize("grad_target", [False, True],
+                                                       ids=["", "target-grad"])
 
 
 # Guard bands. Every buffer a Triton kernel writes is allocated inside a larger one: NaN where
@@ -194,6 +222,62 @@ def make_batch(kind, dtype, seed, batch=2, height=16, width=67, latent_dim=8, de
     make = realistic_batch if kind == "realistic" else noise_batch
     return tuple(guarded(t) for t in make(batch, height, width, latent_dim, dtype=dtype,
                                           device=device, seed=seed))
+
+
+# Two resolutions small enough for signals of a few dozen samples (a [B, 2, 4, 20] spectrogram
+# flattens to 80): where the STFT term is not the point, or the interpreter would be slow.
+TINY_RESOLUTIONS = dict(fft_sizes=(16, 32), hop_sizes=(4, 8), win_lengths=(16, 32))
+
+
+def tiny_config():
+    """The default LossConfig but for its STFT resolutions: TINY_RESOLUTIONS."""
+    return LossConfig(stft=STFTLossConfig(**TINY_RESOLUTIONS))
+
+
+def leaf_copies(batch, grad_target=True):
+    """Copies of ``batch`` (recon, target, mu, logvar) as autograd leaves, each requiring grad
+    (the target only with ``grad_target``)."""
+    return [t.detach().clone().requires_grad_(i != 1 or grad_target)
+            for i, t in enumerate(batch)]
+
+
+def signal_pair(seed, batch, channels, length, dtype=torch.float64):
+    """Two random signals ``[batch, channels, length]`` (an STFT module's input and target),
+    drawn in float64, then cast to ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, channels, length, generator=g, dtype=torch.float64).to(dtype)
+            for _ in range(2)]
+
+
+def stft_value_and_grads(module, x, y, dtype=torch.float64):
+    """An STFT loss ``module`` on ``x`` and ``y`` (as ``dtype`` leaves): the loss and both
+    gradients."""
+    x, y = (t.detach().to(dtype).requires_grad_() for t in (x, y))
+    loss = module(x, y)
+    loss.backward()
+    return loss.detach(), x.grad, y.grad
+
+
+class OpRecorder(TorchDispatchMode):
+    """Every aten (and custom) op dispatched while it is active, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def names(self):
+        """The ops' names without their overloads (``_fft_c2r``, ``ge``, ...)."""
+        return [op.__name__.split(".")[0] for op in self.ops]
+
+
+# The ops that read a tensor's value back to the host: a host-device sync.
+SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
+            torch.ops.aten.is_nonzero.default}
 
 
 def run_loss(batch, backend, dtype=None, grad_target=False, key="total_loss", **kwargs):

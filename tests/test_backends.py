@@ -60,7 +60,7 @@ def test_auto_picks_triton_for_cuda_tensors(monkeypatch):
     assert chosen("cuda") == "triton"
 
 
-def test_mps_gets_torch(monkeypatch):
+def test_auto_on_mps_is_torch_and_triton_is_unavailable(monkeypatch):
     monkeypatch.delenv(BACKEND_VAR, raising=False)
     assert chosen("mps") == "torch"
     assert "triton" not in available_backends("mps")

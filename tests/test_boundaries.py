@@ -9,11 +9,19 @@ import auraloss
 import pytest
 import torch
 
-from conftest import FAST_BACKENDS, LOSS_KEYS, assert_matches_oracle, make_batch, rel_err, run_loss
+from conftest import (
+    FAST_BACKENDS,
+    LOSS_KEYS,
+    assert_matches_oracle,
+    float64_and_float32,
+    make_batch,
+    rel_err,
+    run_loss,
+    signal_pair,
+    stft_value_and_grads,
+)
 from distill_fused import KLLossConfig, LossConfig, MultiResolutionSTFTLoss, STFTLossConfig
 
-DTYPES = [torch.float64, torch.float32]
-DTYPE_IDS = ["f64", "f32"]
 # Where the STFT term is not the point: two small resolutions (the interpreter is slow).
 SMALL_STFT = STFTLossConfig(fft_sizes=(128, 64), hop_sizes=(32, 16), win_lengths=(128, 50))
 
@@ -36,7 +44,7 @@ def _on_the_floor(batch):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@float64_and_float32
 @pytest.mark.parametrize("key", ["total_loss", "kl_loss"])
 def test_free_bits_floor_passes_the_gradient(backend, dtype, key, seed):
     batch = _on_the_floor(make_batch("realistic", torch.float64, seed, latent_dim=8))
@@ -73,27 +81,14 @@ EDGE_WINDOWS = {
 EDGE_LENGTHS = [1000, 1008, 1009]
 
 
-def _edge_signals(seed, length, batch=2, channels=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, channels, length, generator=g, dtype=torch.float64)
-            for _ in range(2)]
-
-
-def _value_and_grads(module, x, y, dtype=torch.float64):
-    x, y = (t.detach().to(dtype).requires_grad_() for t in (x, y))
-    loss = module(x, y)
-    loss.backward()
-    return loss.detach(), x.grad, y.grad
-
-
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("length", EDGE_LENGTHS)
 @pytest.mark.parametrize("name", list(EDGE_WINDOWS))
 def test_module_at_the_reflect_boundaries(backend, name, length, seed):
     settings = EDGE_WINDOWS[name]
-    x, y = _edge_signals(seed, length)
-    ref = _value_and_grads(auraloss.freq.MultiResolutionSTFTLoss(**settings), x, y)
-    got = _value_and_grads(MultiResolutionSTFTLoss(**settings, backend=backend), x, y)
+    x, y = signal_pair(seed, 2, 1, length)
+    ref = stft_value_and_grads(auraloss.freq.MultiResolutionSTFTLoss(**settings), x, y)
+    got = stft_value_and_grads(MultiResolutionSTFTLoss(**settings, backend=backend), x, y)
     assert rel_err(got[0], ref[0]) <= 1e-10
     for g, g_ref, side in zip(got[1:], ref[1:], ("input", "target")):
         assert rel_err(g, g_ref) <= 1e-8, side
@@ -116,10 +111,10 @@ def _rectangular_auraloss(settings):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@float64_and_float32
 @pytest.mark.parametrize("shape", [(8, 125), (16, 63), (1, 1009)], ids=EDGE_LENGTHS)
 @pytest.mark.parametrize("name", ["hamming-64", "hamming-odd-63", "rectangular-64"])
-def test_combined_loss_at_the_reflect_boundaries(backend, dtype, shape, name, seed):
+def test_combined_loss_matches_oracle_at_the_reflect_boundaries(backend, dtype, shape, name, seed):
     """The same boundaries through ``compute_combined_loss``: the spectrogram ``[H, W]``
     flattened to H*W = 1000, 1008 and 1009 samples, windows with non-zero ends (ours, and an
     auraloss module with a rectangular window)."""
@@ -155,7 +150,7 @@ def _kl_weight(value, dtype):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@float64_and_float32
 @pytest.mark.parametrize("kl_weight", KL_OFF, ids=[str(v) for v in KL_OFF])
 def test_kl_weight_off_beside_an_infinite_kl(backend, dtype, kl_weight, seed):
     recon, target, mu, logvar = make_batch("realistic", torch.float64, seed)
@@ -173,7 +168,7 @@ def test_kl_weight_off_beside_an_infinite_kl(backend, dtype, kl_weight, seed):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_kl_weight_on_with_an_infinite_kl_falls_back(backend, seed):
+def test_any_positive_kl_weight_with_an_infinite_kl_falls_back(backend, seed):
     """The other side of the gate: kl_weight > 0 (however small) lets the infinite KL in, and
     the guard returns recon_loss."""
     recon, target, mu, logvar = make_batch("realistic", torch.float64, seed)
@@ -195,7 +190,7 @@ def test_kl_weight_on_with_an_infinite_kl_falls_back(backend, seed):
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@float64_and_float32
 @pytest.mark.parametrize("key", LOSS_KEYS)
 def test_each_term_alone_matches_the_oracle(backend, dtype, key, seed):
     batch = _on_the_floor(make_batch("realistic", torch.float64, seed, width=69))

@@ -8,6 +8,8 @@ from conftest import (
     FAST_BACKENDS,
     assert_matches_oracle,
     assert_same_results,
+    float64_and_float32,
+    leaf_copies,
     make_batch,
     rel_err,
     requires_cuda,
@@ -15,11 +17,9 @@ from conftest import (
 )
 from distill_fused import LossConfig, STFTLossConfig
 
-DTYPES = [torch.float64, torch.float32]
-
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@float64_and_float32
 @pytest.mark.parametrize("kind", ["noise", "realistic"])
 def test_default_config_matches_oracle(backend, dtype, kind, seed):
     batch = make_batch(kind, torch.float64, seed)
@@ -29,7 +29,7 @@ def test_default_config_matches_oracle(backend, dtype, kind, seed):
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("shape", [(1, 16, 67), (3, 13, 81), (2, 31, 35)],
                          ids=["B1", "oddHW", "oddH-oddW"])
-def test_odd_shapes_and_single_item(backend, shape, seed):
+def test_odd_shapes_and_a_single_item_match_oracle(backend, shape, seed):
     b, h, w = shape
     batch = make_batch("realistic", torch.float64, seed, batch=b, height=h, width=w,
                        latent_dim=5)
@@ -50,16 +50,16 @@ STFT_CONFIGS = {
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@float64_and_float32
 @pytest.mark.parametrize("name", list(STFT_CONFIGS))
-def test_non_default_stft_settings(backend, dtype, name, seed):
+def test_non_default_stft_settings_match_oracle(backend, dtype, name, seed):
     config = LossConfig(stft=STFT_CONFIGS[name])
     batch = make_batch("realistic", torch.float64, seed, height=16, width=71)
     assert_matches_oracle(batch, backend, dtype, loss_config=config, kl_weight=0.01)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@float64_and_float32
 def test_gradient_for_target(backend, dtype, seed):
     batch = make_batch("realistic", torch.float64, seed)
     assert_matches_oracle(batch, backend, dtype, grad_target=True, kl_weight=0.01)
@@ -75,7 +75,7 @@ def test_kl_weight_gates_the_kl_term(backend, kl_weight, seed):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_free_bits_boundary_and_weights(backend, seed):
+def test_zero_free_bits_floor_and_non_default_weights_match_oracle(backend, seed):
     """Elements exactly at the free-bits floor (mu=0, logvar=0 gives k=0) get the clamp's
     gradient; non-default weights everywhere."""
     recon, target, mu, logvar = make_batch("realistic", torch.float64, seed)
@@ -135,7 +135,7 @@ def test_half_precision_inputs_computed_in_float32(backend, dtype, kind, seed):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_non_contiguous_and_channels_last_inputs(backend, seed):
+def test_non_contiguous_and_channels_last_inputs_give_the_contiguous_results(backend, seed):
     recon, target, mu, logvar = make_batch("realistic", torch.float32, seed, width=70)
     ref, ref_grads = run_loss((recon, target, mu, logvar), backend)
 
@@ -164,7 +164,7 @@ def compute(backend, *tensors, **kwargs):
 
 
 @pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
-def test_output_keys_dtype_and_device(backend, seed):
+def test_outputs_are_the_six_keys_as_float32_scalars_on_the_inputs_device(backend, seed):
     batch = make_batch("noise", torch.float32, seed)
     out = compute(backend, *batch)
     assert list(out) == ["total_loss", "stft_loss", "mag_recon_loss", "if_recon_loss",
@@ -174,7 +174,7 @@ def test_output_keys_dtype_and_device(backend, seed):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_inputs_left_unchanged(backend, seed):
+def test_inputs_are_left_unchanged(backend, seed):
     batch = make_batch("noise", torch.float32, seed)
     before = [t.clone() for t in batch]
     run_loss(batch, backend)
@@ -184,17 +184,16 @@ def test_inputs_left_unchanged(backend, seed):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", [b for b in FAST_BACKENDS if b != "triton"])
 @pytest.mark.parametrize("kind", ["noise", "realistic"])
-def test_user_case_float32(backend, kind, seed):
+def test_user_sized_float32_batch_matches_oracle(backend, kind, seed):
     """The spec's user case: float32 sums over ~1e6 spectrogram bins must stay within 1e-5."""
     batch = make_batch(kind, torch.float64, seed, batch=32, height=128, width=94,
                        latent_dim=128)
     assert_matches_oracle(batch, backend, torch.float32, kl_weight=0.01)
 
 
-@pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@float64_and_float32
 @pytest.mark.parametrize("kind", ["noise", "realistic"])
 def test_cuda_matches_oracle(backend, dtype, kind, seed):
     batch = make_batch(kind, torch.float64, seed, device="cuda")
@@ -202,10 +201,9 @@ def test_cuda_matches_oracle(backend, dtype, kind, seed):
     assert_matches_oracle(batch, backend, dtype, grad_target=True, kl_weight=0.01)
 
 
-@pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_cuda_user_case_and_bf16(backend, seed):
+def test_cuda_user_case_float32_and_bf16_match_oracle(backend, seed):
     batch = make_batch("realistic", torch.float64, seed, batch=32, height=128, width=94,
                        latent_dim=128, device="cuda")
     assert_matches_oracle(batch, backend, torch.float32, kl_weight=0.01)
@@ -219,8 +217,8 @@ def test_cuda_user_case_and_bf16(backend, seed):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-def test_perfect_reconstruction(backend, dtype, seed):
+@float64_and_float32
+def test_perfect_reconstruction_has_finite_oracle_gradients(backend, dtype, seed):
     """recon == target: every L1 term sits at its tie and ||D|| = 0; gradients stay finite and
     equal the oracle's (torch.norm's backward gives 0 at 0)."""
     recon, target, mu, logvar = make_batch("realistic", torch.float64, seed)
@@ -240,14 +238,14 @@ def test_tensor_kl_weight_equals_float(backend, kl_weight, seed):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_gradients_through_every_output(backend, seed):
+def test_gradient_of_a_mix_of_every_output_matches_oracle(backend, seed):
     """Backward from a mix of the six outputs (not just total_loss) equals the oracle's."""
     batch = make_batch("realistic", torch.float64, seed)
     weights = {"total_loss": 0.5, "stft_loss": 1.5, "mag_recon_loss": -2.0,
                "if_recon_loss": 3.0, "kl_loss": 0.25, "recon_loss": -1.0}
 
     def grads(backend_name):
-        leaves = [t.clone().requires_grad_() for t in batch]
+        leaves = leaf_copies(batch)
         out = compute(backend_name, *leaves, kl_weight=0.1)
         sum(w * out[k] for k, w in weights.items()).backward()
         return [leaf.grad for leaf in leaves]
@@ -257,14 +255,10 @@ def test_gradients_through_every_output(backend, seed):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_gradient_of_one_output_alone(backend, seed):
+def test_gradient_of_one_output_alone_matches_oracle(backend, seed):
     batch = make_batch("noise", torch.float64, seed)
     for key in ("stft_loss", "kl_loss", "if_recon_loss"):
-        results = []
-        for name in (backend, "reference"):
-            leaves = [t.clone().requires_grad_() for t in batch]
-            compute(name, *leaves, kl_weight=0.1)[key].backward()
-            results.append([leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-                            for leaf in leaves])
-        for g, g_ref in zip(*results):
+        _, grads = run_loss(batch, backend, grad_target=True, key=key, kl_weight=0.1)
+        _, ref_grads = run_loss(batch, "reference", grad_target=True, key=key, kl_weight=0.1)
+        for g, g_ref in zip(grads, ref_grads):
             assert rel_err(g, g_ref) <= 1e-8, key

@@ -4,8 +4,8 @@ graph break (the custom ops are registered with torch.library), and gives the ea
 import pytest
 import torch
 
-from conftest import FAST_BACKENDS, make_batch, rel_err, requires_cuda
-from distill_fused import LossConfig, STFTLossConfig, compute_combined_loss, create_stft_loss
+from conftest import FAST_BACKENDS, leaf_copies, make_batch, rel_err, requires_cuda, tiny_config
+from distill_fused import LossConfig, compute_combined_loss, create_stft_loss
 
 
 def _compiled_vs_eager(backend, device, compile_backend, seed):
@@ -19,7 +19,7 @@ def _compiled_vs_eager(backend, device, compile_backend, seed):
         return out["total_loss"], out["stft_loss"]
 
     def run(fn):
-        leaves = [t.clone().requires_grad_(i != 1) for i, t in enumerate(batch)]
+        leaves = leaf_copies(batch, grad_target=False)
         total, stft = fn(*leaves)
         total.backward()
         return total.detach(), stft.detach(), leaves[0].grad, leaves[2].grad
@@ -32,15 +32,14 @@ def _compiled_vs_eager(backend, device, compile_backend, seed):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_fullgraph_trace_cpu(backend, seed):
+def test_fullgraph_aot_eager_trace_on_cpu_equals_eager(backend, seed):
     # aot_eager: Dynamo + AOTAutograd tracing (what fullgraph checks), no C++ codegen wait.
     _compiled_vs_eager(backend, "cpu", "aot_eager", seed)
 
 
 @requires_cuda
-@pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_fullgraph_inductor_cuda(backend, seed):
+def test_fullgraph_inductor_on_cuda_equals_eager(backend, seed):
     _compiled_vs_eager(backend, "cuda", "inductor", seed)
 
 
@@ -84,8 +83,7 @@ def test_kl_schedule_compiles_at_most_twice(backend, compile_backend, stft, seed
     from ``create_stft_loss`` (as the application passes it)."""
     from distill_fused import get_kl_weight
 
-    config = LossConfig(stft=STFTLossConfig(fft_sizes=(16, 32), hop_sizes=(4, 8),
-                                            win_lengths=(16, 32)))
+    config = tiny_config()
     g = torch.Generator().manual_seed(seed)
     target = make_batch("realistic", torch.float64, seed, batch=2, height=4, width=20)[1]
     eps = [torch.randn(2, 3, generator=g, dtype=torch.float64) for _ in range(8)]

@@ -23,7 +23,7 @@ from distill_fused import (
 from distill_fused.core.config import KLLossConfig, LossConfig, ReconLossConfig, STFTLossConfig
 
 
-def test_defaults():
+def test_config_defaults_are_the_seeds():
     c = LossConfig()
     assert (c.stft.weight, c.stft.fft_sizes, c.stft.hop_sizes, c.stft.win_lengths) == (
         1.0, (512, 1024, 2048), (128, 256, 512), (512, 1024, 2048))
@@ -32,7 +32,7 @@ def test_defaults():
     assert (c.kl.weight_max, c.kl.warmup_fraction, c.kl.free_bits) == (0.01, 0.3, 0.1)
 
 
-def test_top_level_api():
+def test_api_is_at_the_top_level_without_a_training_config():
     """The API lives at the top level, under a name that cannot collide with the application's
     ``distill`` package, and no training config of ours competes with the application's."""
     for name in ("LossConfig", "STFTLossConfig", "ReconLossConfig", "KLLossConfig"):
@@ -64,7 +64,7 @@ def test_bad_config_names_the_field(make, field):
         make()
 
 
-def test_get_kl_weight():
+def test_get_kl_weight_warms_up_linearly_to_its_maximum():
     assert get_kl_weight(0, 100, 0.3, 0.01) == 0.0
     assert get_kl_weight(15, 100, 0.3, 0.01) == pytest.approx(0.005)
     assert get_kl_weight(60, 100, 0.3, 0.01) == 0.01
@@ -72,7 +72,7 @@ def test_get_kl_weight():
     assert get_kl_weight(3, 10) == pytest.approx(1.0)
 
 
-def test_vae_loss_and_kl_divergence():
+def test_vae_loss_and_kl_divergence_equal_their_formulas():
     g = torch.Generator().manual_seed(3)
     recon, target = torch.randn(4, 2, 8, 8, generator=g), torch.randn(4, 2, 8, 8, generator=g)
     mu, logvar = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
@@ -118,7 +118,7 @@ def test_numpy_scalars_and_lists_become_python_values():
         ReconLossConfig(weight=np.float32("nan"))
 
 
-def test_host_config_objects_are_taken(seed):
+def test_host_config_objects_give_the_numbers_of_ours(seed):
     """The application's own LossConfig, with numpy values as its code can make them, gives the
     numbers of ours built from the same values (and numpy kl_weight the numbers of a float)."""
     host = _host_config_module()
@@ -146,7 +146,7 @@ def test_host_config_objects_are_taken(seed):
     compute_combined_loss(*batch, host.get_adaptive_config(120).loss, 0.1)
 
 
-def test_bad_host_config_is_named(seed):
+def test_bad_host_config_is_rejected_naming_the_field(seed):
     host = _host_config_module()
     batch = make_batch("realistic", torch.float64, seed)
     with pytest.raises(ValueError, match="STFTLossConfig.weight"):
@@ -228,7 +228,7 @@ def test_from_dict_and_to_dict_round_trip(cls):
         cls.from_dict([1, 2])
 
 
-def test_from_dict_of_a_changed_config():
+def test_changed_config_round_trips_through_dicts():
     config = LossConfig.from_dict({"stft": {"fft_sizes": [256], "hop_sizes": [64],
                                             "win_lengths": [200]},
                                    "reconstruction": {"if_weight": 0.25}})

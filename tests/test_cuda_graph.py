@@ -4,21 +4,19 @@ eager numbers (nothing in the step syncs with the host or allocates outside the 
 import pytest
 import torch
 
-from conftest import make_batch, rel_err
+from conftest import cuda_marks, leaf_copies, make_batch, rel_err
 from distill_fused import LossConfig, compute_combined_loss, create_stft_loss
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(),
-                                 reason="no CUDA GPU present: CUDA graph capture skipped")]
+pytestmark = cuda_marks("CUDA graph capture")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_capture_and_replay(backend, seed):
+def test_captured_step_replayed_equals_eager(backend, seed):
     config = LossConfig()
     stft_fn = create_stft_loss(config, "cuda")
     batch = make_batch("realistic", torch.float32, seed, batch=32, height=128, width=94,
                        latent_dim=128, device="cuda")
-    leaves = [t.clone().requires_grad_(i != 1) for i, t in enumerate(batch)]
+    leaves = leaf_copies(batch, grad_target=False)
 
     def step():
         for leaf in leaves:

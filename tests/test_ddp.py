@@ -10,11 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import FAST_BACKENDS, rel_err
-from distill_fused import LossConfig, STFTLossConfig, compute_combined_loss
+from conftest import FAST_BACKENDS, rel_err, tiny_config
+from distill_fused import compute_combined_loss
 
-CONFIG = LossConfig(stft=STFTLossConfig(fft_sizes=(16, 32), hop_sizes=(4, 8),
-                                        win_lengths=(16, 32)))
+CONFIG = tiny_config()
 B, H, W, D = 2, 4, 20, 3
 STEPS, WORLD = 3, 2
 

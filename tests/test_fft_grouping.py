@@ -5,12 +5,16 @@ is an argument, with ``DISTILL_FFT_GROUPING`` as its default."""
 import pytest
 import torch
 
-from conftest import FAST_BACKENDS, assert_matches_oracle, make_batch
+from conftest import (
+    assert_matches_oracle,
+    float64_and_float32,
+    make_batch,
+    requires_triton,
+    with_and_without_target_grad,
+)
 from distill_fused import LossConfig, MultiResolutionSTFTLoss, STFTLossConfig, compute_combined_loss
 
-pytestmark = pytest.mark.skipif("triton" not in FAST_BACKENDS,
-                                reason="the triton backend is not available here "
-                                       "(CPU tensors need TRITON_INTERPRET=1)")
+pytestmark = requires_triton
 
 
 def test_fft_groups_share_an_fft_where_sizes_divide():
@@ -64,9 +68,9 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@float64_and_float32
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("grad_target", [False, True], ids=["", "target-grad"])
+@with_and_without_target_grad
 def test_shared_fft_matches_oracle(seed, dtype, name, grad_target):
     batch = make_batch("realistic", torch.float64, seed, height=16, width=71)
     assert_matches_oracle(batch, "triton", dtype, grad_target=grad_target,

@@ -4,7 +4,7 @@ and no NaN from the other terms reaches a gradient. No host sync (see test_no_sy
 import pytest
 import torch
 
-from conftest import FAST_BACKENDS, make_batch, rel_err, run_loss
+from conftest import FAST_BACKENDS, leaf_copies, make_batch, rel_err, run_loss
 
 
 def _with_blowup(batch, where):
@@ -39,9 +39,9 @@ def test_non_finite_total_falls_back_to_recon(backend, where, seed):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_gradient_is_recon_loss_gradient(backend, seed):
+def test_fallback_gradient_is_the_recon_loss_gradient(backend, seed):
     batch = _with_blowup(make_batch("noise", torch.float64, seed), "kl")
-    leaves = [t.clone().requires_grad_() for t in batch]
+    leaves = leaf_copies(batch)
     from distill_fused import compute_combined_loss
     out = compute_combined_loss(*leaves, kl_weight=1.0, backend=backend)
     (g_total,) = torch.autograd.grad(out["total_loss"], leaves[0], retain_graph=True)
@@ -50,7 +50,7 @@ def test_gradient_is_recon_loss_gradient(backend, seed):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_nan_in_latent_only(backend, seed):
+def test_nan_in_the_latent_alone_falls_back_with_finite_gradients(backend, seed):
     recon, target, mu, logvar = make_batch("noise", torch.float64, seed)
     mu[1, 2] = float("nan")
     out, grads = run_loss((recon, target, mu, logvar), backend, kl_weight=0.1)

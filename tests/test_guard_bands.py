@@ -5,11 +5,9 @@ past an input's end reads NaN. Shown with a small Triton kernel that copies with
 import pytest
 import torch
 
-from conftest import FAST_BACKENDS, guarded
+from conftest import guarded, requires_triton
 
-pytestmark = pytest.mark.skipif("triton" not in FAST_BACKENDS,
-                                reason="the triton backend is not available here "
-                                       "(CPU tensors need TRITON_INTERPRET=1)")
+pytestmark = requires_triton
 
 N = 37
 

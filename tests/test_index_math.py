@@ -8,16 +8,19 @@ import random
 import pytest
 import torch
 
-from conftest import FAST_BACKENDS, assert_matches_oracle, make_batch
+from conftest import (
+    assert_matches_oracle,
+    make_batch,
+    requires_triton,
+    with_and_without_target_grad,
+)
 from distill_fused import LossConfig, MultiResolutionSTFTLoss, STFTLossConfig
 
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 tl = triton.language
 from distill_fused.kernels._common import INDEX_LIMIT, divide, magic  # noqa: E402
 
-pytestmark = pytest.mark.skipif("triton" not in FAST_BACKENDS,
-                                reason="the triton backend is not available here "
-                                       "(CPU tensors need TRITON_INTERPRET=1)")
+pytestmark = requires_triton
 
 
 def _divisors_and_numerators(seed):
@@ -94,7 +97,7 @@ def wide_index(monkeypatch):
     monkeypatch.setattr(_common, "INDEX_LIMIT", 0)
 
 
-@pytest.mark.parametrize("grad_target", [False, True], ids=["", "target-grad"])
+@with_and_without_target_grad
 def test_64_bit_index_math_matches_oracle(wide_index, grad_target, seed):
     config = LossConfig(stft=STFTLossConfig(fft_sizes=(64, 90), hop_sizes=(16, 33),
                                             win_lengths=(64, 61)))
@@ -104,7 +107,7 @@ def test_64_bit_index_math_matches_oracle(wide_index, grad_target, seed):
                           loss_config=config, kl_weight=0.1)
 
 
-def test_64_bit_index_math_module_on_strided_signals(wide_index, seed):
+def test_64_bit_index_math_module_on_strided_signals_equals_the_reference(wide_index, seed):
     """``create_stft_loss``'s module on a strided [B, C, T] view: the framing kernel's
     divisions by channels and width, 64-bit."""
     gen = torch.Generator().manual_seed(seed)

@@ -2,20 +2,18 @@
 under TRITON_INTERPRET=1 and on CUDA when a GPU is present. Every buffer a kernel writes is
 poisoned with NaN first (conftest.py), so an element it skips shows up."""
 
-import os
-
 import pytest
 import torch
 
-from conftest import rel_err
+from conftest import (
+    cuda_marks,
+    float64_and_float32,
+    rel_err,
+    requires_triton,
+    with_and_without_target_grad,
+)
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET") != "1",
-        reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (make test sets it)")),
-    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="no CUDA GPU present: CUDA variant skipped")]),
-]
+DEVICES = [pytest.param("cpu", marks=requires_triton), pytest.param("cuda", marks=cuda_marks())]
 
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 
@@ -72,10 +70,10 @@ def _tolerances(run, reference, a, b, ref, dtype, base):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@float64_and_float32
 @pytest.mark.parametrize("shape", [(3, 7, 53), (1, 1, 1), (2, 32, 32), (1, 5, 211)],
                          ids=["not-block-multiple", "single", "block-multiple", "B1"])
-@pytest.mark.parametrize("grad_target", [False, True], ids=["", "target-grad"])
+@with_and_without_target_grad
 def test_recon_kernel(device, dtype, shape, grad_target, seed):
     randn = _gen(seed, device)
     b, h, w = shape
@@ -97,7 +95,7 @@ def test_recon_kernel_ties_give_zero_gradient(device, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_recon_kernel_any_strides(device, seed):
+def test_recon_kernel_takes_any_strides(device, seed):
     randn = _gen(seed, device)
     recon, target = randn(2, 2, 12, 41), randn(2, 2, 12, 41).abs()
     layouts = [lambda t: t.contiguous(memory_format=torch.channels_last),
@@ -155,7 +153,7 @@ def _check_kl(mu, logvar, free_bits, dtype, tol):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@float64_and_float32
 @pytest.mark.parametrize("shape", [(32, 128), (3, 700), (1, 1), (5, 1), (1, 2049)],
                          ids=["user", "multi-tile", "B1-D1", "D1", "B1"])
 def test_kl_kernel(device, dtype, shape, seed):
@@ -165,7 +163,7 @@ def test_kl_kernel(device, dtype, shape, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_kl_kernel_free_bits_boundary(device, seed):
+def test_kl_kernel_passes_the_gradient_at_the_free_bits_floor(device, seed):
     """k == free_bits exactly: torch.clamp passes the gradient there, and so must the kernel."""
     randn = _gen(seed, device)
     mu, logvar = randn(4, 9), randn(4, 9)
@@ -182,7 +180,7 @@ def test_kl_kernel_free_bits_boundary(device, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_kl_kernel_strided_inputs(device, seed):
+def test_kl_kernel_takes_strided_inputs(device, seed):
     randn = _gen(seed, device)
     mu, logvar = randn(16, 6).t(), randn(6, 32)[:, ::2]
     assert not mu.is_contiguous() and not logvar.is_contiguous()

@@ -4,36 +4,26 @@ run to run."""
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from aten_launches import launches_kernel
-from conftest import FAST_BACKENDS, make_batch, run_loss
+from conftest import OpRecorder, leaf_copies, make_batch, requires_triton, run_loss
 from distill_fused import LossConfig, compute_combined_loss, create_stft_loss
 
-pytestmark = pytest.mark.skipif("triton" not in FAST_BACKENDS,
-                                reason="the triton backend is not available here "
-                                       "(CPU tensors need TRITON_INTERPRET=1)")
+pytestmark = requires_triton
 
 
-class LaunchCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.aten = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if launches_kernel(func):
-            self.aten.append(func.__name__.split(".")[0])
-        return func(*args, **(kwargs or {}))
+def _aten_launches(recorder):
+    """The aten operations ``recorder`` saw that launch a kernel, by name."""
+    return [name for op, name in zip(recorder.ops, recorder.names) if launches_kernel(op)]
 
 
 def _step(batch, config, stft_fn, grad_target=False, fft_grouping=None):
-    leaves = [t.clone().requires_grad_(i != 1 or grad_target) for i, t in enumerate(batch)]
-    counter = LaunchCounter()
-    with counter:
+    leaves = leaf_copies(batch, grad_target)
+    with OpRecorder() as recorder:
         out = compute_combined_loss(*leaves, config, kl_weight=0.01, _stft_loss_fn=stft_fn,
                                     backend="triton", fft_grouping=fft_grouping)
         out["total_loss"].backward()
-    return counter.aten, out, leaves
+    return _aten_launches(recorder), out, leaves
 
 
 @pytest.mark.parametrize("grouping", ["per_resolution", "shared"])
@@ -53,20 +43,19 @@ def test_at_most_16_launches_per_step(triton_launches, seed, grouping):
     assert total == 8 + 2 * n_ffts <= 16
 
 
-def test_the_counter_counts(triton_launches, seed):
+def test_the_counter_sees_more_than_16_launches_on_the_torch_backend(triton_launches, seed):
     """The same count on the torch backend is far above 16: the test can fail."""
     config = LossConfig()
     batch = make_batch("realistic", torch.float32, seed)
-    leaves = [t.clone().requires_grad_(i != 1) for i, t in enumerate(batch)]
-    counter = LaunchCounter()
-    with counter:
+    leaves = leaf_copies(batch, grad_target=False)
+    with OpRecorder() as recorder:
         compute_combined_loss(*leaves, config, kl_weight=0.01,
                               backend="torch")["total_loss"].backward()
-    assert len(counter.aten) > 16
+    assert len(_aten_launches(recorder)) > 16
 
 
 @pytest.mark.parametrize("grad_target", [False, True])
-def test_bit_identical_run_to_run(seed, grad_target):
+def test_results_are_bit_identical_run_to_run(seed, grad_target):
     config = LossConfig()
     stft_fn = create_stft_loss(config, "cpu")
     batch = make_batch("realistic", torch.float32, seed)

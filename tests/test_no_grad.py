@@ -4,27 +4,16 @@ graph, and the same values as with gradients on."""
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import FAST_BACKENDS, LOSS_KEYS, make_batch
+from conftest import FAST_BACKENDS, LOSS_KEYS, OpRecorder, leaf_copies, make_batch
 from distill_fused import LossConfig, compute_combined_loss, create_stft_loss
 
 GRADIENT_KERNELS = {"_spectral_grad_kernel", "_frames_adjoint_kernel", "_kl_backward_kernel",
                     "_recon_backward_kernel", "_combined_backward_kernel"}
 
 
-class AtenRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.__name__.split(".")[0])
-        return func(*args, **(kwargs or {}))
-
-
 def _leaves(seed):
-    return [t.clone().requires_grad_() for t in make_batch("realistic", torch.float32, seed)]
+    return leaf_copies(make_batch("realistic", torch.float32, seed))
 
 
 def _calls(backend):
@@ -48,14 +37,15 @@ def _calls(backend):
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
 @pytest.mark.parametrize("path", ["fused", "modular", "callable", "module"])
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_no_gradient_work(backend, path, context, seed, triton_launches, monkeypatch):
+def test_no_grad_and_inference_mode_do_no_gradient_work(backend, path, context, seed,
+                                                        triton_launches, monkeypatch):
     monkeypatch.setenv("DISTILL_LOSS_BACKEND", backend)
     call = _calls(backend)[path]
     leaves = _leaves(seed)
     with_grad = call(*leaves)
 
     del triton_launches[:], triton_launches.constexprs[:]
-    with context(), AtenRecorder() as rec:
+    with context(), OpRecorder() as rec:
         out = call(*leaves)
     assert rec.names, "the recorder saw nothing"
     assert "_fft_c2r" not in rec.names, "an inverse FFT ran: gradient work"
@@ -78,10 +68,10 @@ def _gradient_flags(launches):
 
 @pytest.mark.parametrize("path", ["fused", "modular"])
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_the_check_can_fail(backend, path, seed, triton_launches):
+def test_the_recorders_see_gradient_work_with_gradients_on(backend, path, seed, triton_launches):
     """With gradients on, the same recorders see the gradient work."""
     leaves = _leaves(seed)
-    with AtenRecorder() as rec:
+    with OpRecorder() as rec:
         _calls(backend)[path](*leaves)
     assert "_fft_c2r" in rec.names
     if backend == "torch":
@@ -91,7 +81,7 @@ def test_the_check_can_fail(backend, path, seed, triton_launches):
         assert _gradient_flags(triton_launches)
 
 
-def test_all_keys_under_no_grad(seed):
+def test_no_grad_returns_every_loss_key(seed):
     with torch.no_grad():
         out = compute_combined_loss(*_leaves(seed), LossConfig(), 0.1)
     assert tuple(out) == LOSS_KEYS

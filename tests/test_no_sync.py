@@ -6,24 +6,9 @@ import re
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import FAST_BACKENDS, make_batch
+from conftest import FAST_BACKENDS, SYNC_OPS, OpRecorder, leaf_copies, make_batch, requires_cuda
 from distill_fused import compute_combined_loss
-
-SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
-            torch.ops.aten.is_nonzero.default}
-
-
-class OpRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func)
-        return func(*args, **(kwargs or {}))
-
 
 # Ops each backend's step must show the recorder, forward and backward: a recording without
 # them (an empty one, or one that missed the loss path) proves nothing. On a GPU the kernel
@@ -46,7 +31,7 @@ def assert_no_sync_on_the_loss_path(ops, backend, device="cpu"):
 
 
 def _step(backend, batch, **kwargs):
-    leaves = [t.clone().requires_grad_() for t in batch]
+    leaves = leaf_copies(batch)
     with OpRecorder() as rec:
         out = compute_combined_loss(*leaves, backend=backend, **kwargs)
         out["total_loss"].backward()
@@ -55,27 +40,27 @@ def _step(backend, batch, **kwargs):
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("kl_weight", [0.0, 0.1])
-def test_no_host_sync(backend, kl_weight, seed):
+def test_loss_step_makes_no_host_sync(backend, kl_weight, seed):
     ops = _step(backend, make_batch("realistic", torch.float32, seed), kl_weight=kl_weight)
     assert_no_sync_on_the_loss_path(ops, backend)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_no_host_sync_with_tensor_kl_weight(backend, seed):
+def test_tensor_kl_weight_makes_no_host_sync(backend, seed):
     ops = _step(backend, make_batch("realistic", torch.float32, seed),
                 kl_weight=torch.tensor(0.1))
     assert_no_sync_on_the_loss_path(ops, backend)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_no_host_sync_in_the_guard(backend, seed):
+def test_the_non_finite_fallback_makes_no_host_sync(backend, seed):
     recon, target, mu, logvar = make_batch("realistic", torch.float32, seed)
     logvar[0, 0] = 1e5  # non-finite total: the fallback path
     ops = _step(backend, (recon, target, mu, logvar), kl_weight=1.0)
     assert_no_sync_on_the_loss_path(ops, backend)
 
 
-def test_the_recorder_sees_a_sync():
+def test_the_recorder_sees_the_reference_backends_sync():
     """The check above can fail: the reference backend does sync (seed behaviour)."""
     ops = _step("reference", make_batch("realistic", torch.float32, 0), kl_weight=0.1)
     assert [op for op in ops if op in SYNC_OPS]
@@ -88,11 +73,9 @@ def test_torch_backend_never_calls_angle(seed):
     assert not re.search(r"\bangle\(", inspect.getsource(module))
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="no CUDA GPU present: CUDA variant skipped")
+@requires_cuda
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_no_host_sync_cuda(backend, seed):
+def test_cuda_step_makes_no_host_sync(backend, seed):
     batch = make_batch("realistic", torch.float32, seed, device="cuda")
     ops = _step(backend, batch, kl_weight=0.1)
     assert_no_sync_on_the_loss_path(ops, backend, "cuda")

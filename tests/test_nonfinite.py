@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from conftest import FAST_BACKENDS, make_batch
+from conftest import FAST_BACKENDS, SYNC_OPS, OpRecorder, make_batch
 from distill_fused import (
     LossConfig,
     compute_combined_loss,
@@ -15,7 +15,6 @@ from distill_fused import (
     set_nonfinite_mode,
 )
 from distill_fused.api.environment import NONFINITE_VAR as ENV_VAR
-from test_no_sync import SYNC_OPS, OpRecorder
 
 SEED_WARNING = "compute_combined_loss: total_loss is NaN/Inf, falling back to recon_loss only"
 BACKENDS = ["reference"] + FAST_BACKENDS
@@ -45,7 +44,7 @@ def _loss(batch, backend, **kwargs):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_count(backend, seed, caplog):
+def test_count_mode_counts_fallbacks_on_the_device(backend, seed, caplog):
     set_nonfinite_mode("count")
     for finite in (True, False, True, False, False):
         out = _loss(_batch(seed, finite), backend)
@@ -59,7 +58,7 @@ def test_count(backend, seed, caplog):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_count_makes_no_host_sync(backend, seed):
+def test_count_mode_makes_no_host_sync(backend, seed):
     batch = _batch(seed, finite=False)
     with OpRecorder() as rec:
         _loss(batch, backend, nonfinite="count")
@@ -69,14 +68,14 @@ def test_count_makes_no_host_sync(backend, seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_silent_by_default(backend, seed, caplog):
+def test_fallbacks_are_silent_by_default(backend, seed, caplog):
     _loss(_batch(seed, finite=False), backend)
     assert int(nonfinite_count("cpu")) == 0
     assert not caplog.records
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_warn_logs_the_seed_warning(backend, seed, caplog, monkeypatch):
+def test_warn_mode_logs_the_seed_warning(backend, seed, caplog, monkeypatch):
     monkeypatch.setenv(ENV_VAR, "warn")
     with caplog.at_level(logging.WARNING, logger="distill_fused"):
         _loss(_batch(seed, finite=True), backend)
@@ -87,7 +86,7 @@ def test_warn_logs_the_seed_warning(backend, seed, caplog, monkeypatch):
     assert int(nonfinite_count("cpu")) == 1
 
 
-def test_precedence(seed, monkeypatch, caplog):
+def test_call_argument_beats_the_setter_which_beats_the_environment(seed, monkeypatch, caplog):
     """The call's argument, then set_nonfinite_mode, then the environment."""
     batch = _batch(seed, finite=False)
     monkeypatch.setenv(ENV_VAR, "warn")
@@ -101,7 +100,7 @@ def test_precedence(seed, monkeypatch, caplog):
 
 
 @pytest.mark.parametrize("where", ["call", "setter", "env"])
-def test_bad_mode_is_named(where, seed, monkeypatch):
+def test_bad_mode_is_rejected_naming_its_source(where, seed, monkeypatch):
     batch = _batch(seed, finite=True)
     with pytest.raises(ValueError, match={"call": "nonfinite", "setter": "non-finite mode",
                                           "env": ENV_VAR}[where]):

@@ -9,7 +9,14 @@ gradients of all four inputs are compared with the reference's, pattern for patt
 import pytest
 import torch
 
-from conftest import FAST_BACKENDS, LOSS_KEYS
+from conftest import (
+    FAST_BACKENDS,
+    LOSS_KEYS,
+    TINY_RESOLUTIONS,
+    float64_and_float32,
+    leaf_copies,
+    tiny_config,
+)
 from distill_fused import (
     LossConfig,
     MultiResolutionSTFTLoss,
@@ -18,11 +25,9 @@ from distill_fused import (
     compute_combined_loss,
 )
 
-SMALL = LossConfig(stft=STFTLossConfig(fft_sizes=(16, 32), hop_sizes=(4, 8),
-                                       win_lengths=(16, 32)))
+SMALL = tiny_config()
 # Weights of 0: the reference still multiplies those terms' gradients in (0 * nan is nan).
-ZERO_WEIGHTS = LossConfig(stft=STFTLossConfig(weight=0.0, fft_sizes=(16, 32), hop_sizes=(4, 8),
-                                              win_lengths=(16, 32)),
+ZERO_WEIGHTS = LossConfig(stft=STFTLossConfig(weight=0.0, **TINY_RESOLUTIONS),
                           reconstruction=ReconLossConfig(magnitude_weight=0.0, if_weight=0.0))
 # Without the spectral-convergence term a NaN spreads only through the frames that hold it.
 LOCAL = dict(fft_sizes=(16, 32), hop_sizes=(4, 8), win_lengths=(12, 32), w_sc=0.0,
@@ -47,7 +52,7 @@ def _batch(seed, dtype):
 
 def _patterns(batch, backend, config, stft_fn):
     """Per output: (is the value finite, the finite-mask of each input's gradient)."""
-    leaves = [t.clone().requires_grad_() for t in batch]
+    leaves = leaf_copies(batch)
     out = compute_combined_loss(*leaves, config, 0.1, stft_fn, backend=backend)
     patterns = {}
     for key in LOSS_KEYS:
@@ -59,7 +64,7 @@ def _patterns(batch, backend, config, stft_fn):
 
 
 @pytest.mark.parametrize("stft", ["config", "no-sc-term", "zero-weights"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@float64_and_float32
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_nonfinite_patterns_equal_the_reference(backend, dtype, stft, seed):
     stft_fn = MultiResolutionSTFTLoss(**LOCAL) if stft == "no-sc-term" else None
@@ -96,7 +101,7 @@ def test_fallback_gradient_is_the_reconstruction_terms_alone(backend, seed):
     and its gradient is recon_loss's: nothing from the STFT or KL terms, not even 0 * inf."""
     batch, _ = _batch(seed, torch.float64)
     batch[3][0, 0] = 1e5
-    leaves = [t.clone().requires_grad_() for t in batch]
+    leaves = leaf_copies(batch)
     out = compute_combined_loss(*leaves, SMALL, 0.1, backend=backend)
     assert torch.isinf(out["kl_loss"]) and torch.equal(out["total_loss"], out["recon_loss"])
     total = torch.autograd.grad(out["total_loss"], leaves, allow_unused=True, retain_graph=True)

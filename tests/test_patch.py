@@ -106,7 +106,7 @@ def test_patch_replaces_every_name_and_undoes(host):
     assert host_losses.vae_loss is originals["vae_loss"]
 
 
-def test_patched_loss_keeps_the_mode(host, monkeypatch):
+def test_patched_loss_takes_the_patchs_mode_unless_the_call_gives_one(host, monkeypatch):
     modules, _ = host
     distill_fused.patch_distill(nonfinite="warn")
     patched = modules["distill.models.losses"].compute_combined_loss

@@ -4,11 +4,10 @@ the double backward; the reference computes them. ``torch.func.grad`` works on e
 import pytest
 import torch
 
-from conftest import FAST_BACKENDS, make_batch, rel_err
-from distill_fused import LossConfig, MultiResolutionSTFTLoss, STFTLossConfig, compute_combined_loss
+from conftest import FAST_BACKENDS, TINY_RESOLUTIONS, leaf_copies, make_batch, rel_err, tiny_config
+from distill_fused import MultiResolutionSTFTLoss, compute_combined_loss
 
-SMALL = LossConfig(stft=STFTLossConfig(fft_sizes=(16, 32), hop_sizes=(4, 8),
-                                       win_lengths=(16, 32)))
+SMALL = tiny_config()
 
 
 def _batch(seed):
@@ -26,10 +25,10 @@ def _total(backend, kl_weight=0.1, **kwargs):
 @pytest.mark.parametrize("input_index", [0, 2], ids=["recon", "mu"])
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_double_backward_is_a_clear_error(backend, input_index, seed):
-    leaves = [t.clone().requires_grad_() for t in _batch(seed)]
+    leaves = leaf_copies(_batch(seed))
     grad, = torch.autograd.grad(_total(backend)(*leaves), leaves[input_index], create_graph=True)
     # The first-order gradient itself is unchanged by create_graph=True.
-    plain = [t.detach().clone().requires_grad_() for t in leaves]
+    plain = leaf_copies(leaves)
     expected, = torch.autograd.grad(_total(backend)(*plain), plain[input_index])
     assert torch.equal(grad.detach(), expected)
     v = torch.randn_like(grad)
@@ -40,8 +39,7 @@ def test_double_backward_is_a_clear_error(backend, input_index, seed):
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_double_backward_of_the_stft_module_is_a_clear_error(backend, seed):
-    loss_fn = MultiResolutionSTFTLoss(fft_sizes=(16, 32), hop_sizes=(4, 8),
-                                      win_lengths=(16, 32), backend=backend)
+    loss_fn = MultiResolutionSTFTLoss(**TINY_RESOLUTIONS, backend=backend)
     x, y = (torch.randn(2, 1, 80, dtype=torch.float64,
                         generator=torch.Generator().manual_seed(seed + i)) for i in range(2))
     x.requires_grad_()
@@ -50,9 +48,9 @@ def test_double_backward_of_the_stft_module_is_a_clear_error(backend, seed):
         grad.sum().backward()
 
 
-def test_reference_hessian_vector_product(seed):
+def test_reference_hessian_vector_product_is_finite_and_non_zero(seed):
     """The reference's HVP exists and is not zero (what the fast backends refuse to fake)."""
-    leaves = [t.clone().requires_grad_() for t in _batch(seed)]
+    leaves = leaf_copies(_batch(seed))
     grad, = torch.autograd.grad(_total("reference")(*leaves), leaves[0], create_graph=True)
     hvp, = torch.autograd.grad((grad * torch.randn_like(grad)).sum(), leaves[0])
     assert torch.isfinite(hvp).all() and hvp.norm() > 0

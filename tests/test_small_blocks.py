@@ -4,12 +4,10 @@ programs per resolution, epilogue loops over several chunks of partials, KL tile
 import pytest
 import torch
 
-from conftest import FAST_BACKENDS, assert_matches_oracle, make_batch
+from conftest import assert_matches_oracle, make_batch, requires_triton
 from distill_fused import MultiResolutionSTFTLoss
 
-pytestmark = pytest.mark.skipif("triton" not in FAST_BACKENDS,
-                                reason="the triton backend is not available here "
-                                       "(CPU tensors need TRITON_INTERPRET=1)")
+pytestmark = requires_triton
 
 
 @pytest.fixture

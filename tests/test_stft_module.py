@@ -9,9 +9,12 @@ from conftest import (
     FAST_BACKENDS,
     assert_matches_oracle,
     assert_same_results,
+    float64_and_float32,
     make_batch,
     rel_err,
     run_loss,
+    signal_pair,
+    stft_value_and_grads,
 )
 from distill_fused import (
     LossConfig,
@@ -30,36 +33,22 @@ MODULE_SETTINGS = [
 ]
 
 
-def _signals(seed, dtype, batch=2, channels=2, length=2100):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, channels, length, generator=g, dtype=torch.float64)
-    y = torch.randn(batch, channels, length, generator=g, dtype=torch.float64)
-    return x.to(dtype), y.to(dtype)
-
-
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@float64_and_float32
 @pytest.mark.parametrize("settings", MODULE_SETTINGS, ids=["spec", "auraloss-defaults",
                                                            "weights-short-windows", "hamming"])
 def test_module_matches_auraloss(backend, dtype, settings, seed):
-    x64, y64 = _signals(seed, torch.float64)
+    x64, y64 = signal_pair(seed, 2, 2, 2100)
     ref_module = auraloss.freq.MultiResolutionSTFTLoss(**settings)
     ours = MultiResolutionSTFTLoss(**settings, backend=backend)
-
-    def value_and_grads(module, dt):
-        x, y = (t.detach().to(dt).requires_grad_() for t in (x64, y64))
-        loss = module(x, y)
-        loss.backward()
-        return loss.detach(), x.grad, y.grad
-
-    ref = value_and_grads(ref_module, torch.float64)
-    got = value_and_grads(ours, dtype)
+    ref = stft_value_and_grads(ref_module, x64, y64, torch.float64)
+    got = stft_value_and_grads(ours, x64, y64, dtype)
     assert got[0].dtype == dtype
     if dtype == torch.float64:
         assert rel_err(got[0], ref[0]) <= 1e-10
         assert rel_err(got[1], ref[1]) <= 1e-8 and rel_err(got[2], ref[2]) <= 1e-8
     else:
-        ref32 = value_and_grads(ref_module, torch.float32)
+        ref32 = stft_value_and_grads(ref_module, x64, y64, torch.float32)
         assert rel_err(got[0], ref[0]) <= 1e-5
         for i in (1, 2):
             assert rel_err(got[i], ref[i]) <= max(1e-3, 2 * rel_err(ref32[i], ref[i]))
@@ -92,7 +81,7 @@ def test_module_rejects_bad_settings(bad):
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("kind", ["ours", "auraloss"])
-def test_stft_loss_fn_on_the_fast_path(backend, kind, seed):
+def test_stft_loss_fn_module_matches_oracle_on_the_fast_path(backend, kind, seed):
     settings = dict(fft_sizes=[256, 128], hop_sizes=[64, 50], win_lengths=[200, 128],
                     w_lin_mag=0.3)
     fn = (MultiResolutionSTFTLoss(**settings) if kind == "ours"
@@ -125,7 +114,7 @@ def test_unsupported_auraloss_instance_is_called_as_given(backend, seed, monkeyp
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_any_callable_as_stft_loss_fn(backend, seed):
+def test_any_callable_stft_loss_fn_matches_oracle(backend, seed):
     def l2(x, y):
         return ((x - y) ** 2).mean()
 
@@ -160,29 +149,21 @@ def test_unknown_argument_is_a_type_error():
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("shape", [(1, 1, 1031), (1, 2, 777), (3, 2, 1501)],
                          ids=["B1-C1-odd", "B1-C2-odd", "B3-C2-odd"])
-def test_module_odd_lengths_and_channels(backend, shape, seed):
+def test_module_matches_auraloss_on_odd_lengths_and_channels(backend, shape, seed):
     settings = dict(fft_sizes=[256, 128, 64], hop_sizes=[64, 50, 16], win_lengths=[256, 100, 64])
-    g = torch.Generator().manual_seed(seed)
-    x64 = torch.randn(*shape, generator=g, dtype=torch.float64)
-    y64 = torch.randn(*shape, generator=g, dtype=torch.float64)
-    ref_module = auraloss.freq.MultiResolutionSTFTLoss(**settings)
-    ours = MultiResolutionSTFTLoss(**settings, backend=backend)
-    results = []
-    for module in (ref_module, ours):
-        x, y = x64.clone().requires_grad_(), y64.clone().requires_grad_()
-        loss = module(x, y)
-        loss.backward()
-        results.append((loss.detach(), x.grad, y.grad))
-    assert rel_err(results[1][0], results[0][0]) <= 1e-10
-    assert rel_err(results[1][1], results[0][1]) <= 1e-8
-    assert rel_err(results[1][2], results[0][2]) <= 1e-8
+    x, y = signal_pair(seed, *shape)
+    ref = stft_value_and_grads(auraloss.freq.MultiResolutionSTFTLoss(**settings), x, y)
+    got = stft_value_and_grads(MultiResolutionSTFTLoss(**settings, backend=backend), x, y)
+    assert rel_err(got[0], ref[0]) <= 1e-10
+    assert rel_err(got[1], ref[1]) <= 1e-8
+    assert rel_err(got[2], ref[2]) <= 1e-8
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_attributes_changed_after_construction_are_honoured(backend, seed):
     """Like auraloss's own attributes: each change re-plans the loss (checked as the constructor
     checks it), and the result equals a module built with the new values."""
-    x, y = _signals(seed, torch.float64, length=300)
+    x, y = signal_pair(seed, 2, 2, 300)
     kwargs = dict(fft_sizes=[32, 64], hop_sizes=[8, 16], win_lengths=[32, 50], backend=backend)
     module = MultiResolutionSTFTLoss(**kwargs)
     changes = [("w_sc", 0.0), ("w_lin_mag", 0.5), ("fft_sizes", [32, 128]),
