@@ -50,6 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the compile-only driver of the compile test
 
+import compiled_kernels  # noqa: E402
 import gpu_compile  # noqa: E402
 from aten_launches import launches_kernel  # noqa: E402
 
@@ -301,10 +302,10 @@ def cost_of(event, ptxas_logs) -> LaunchCost:
         cost.predicted = cost.t_bytes + LAUNCH_US
         return cost
     _, name, grid, compiled, args = event
-    info = gpu_compile.inspect_kernel(compiled, 90, ptxas_logs.get(compiled.hash, ""))
+    info = compiled_kernels.inspect_kernel(compiled, 90, ptxas_logs.get(compiled.hash, ""))
     read, written, trips = TRAFFIC[name](args)
     trips = trips if isinstance(trips, (list, tuple)) else [trips]
-    sass = gpu_compile._tool("cuobjdump", compiled.asm["cubin"], "-sass")
+    sass = compiled_kernels.tool("cuobjdump", compiled.asm["cubin"], "-sass")
     dynamic = round(dynamic_instructions(sass, trips))
     programs = math.prod(grid)
     cost = LaunchCost(name, grid=programs, warps=info["num_warps"],

@@ -17,7 +17,8 @@ import torch
 
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 
-import gpu_compile  # noqa: E402  (tests/ is on sys.path: pytest's rootdir-relative import)
+import compiled_kernels  # noqa: E402  (tests/ is on sys.path: pytest's rootdir-relative import)
+import gpu_compile  # noqa: E402
 from conftest import FAST_BACKENDS, make_batch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +54,7 @@ KERNEL_BUDGETS = {
 def _tables_version() -> bool:
     """Whether this environment's Triton and torch wrote the committed tables."""
     versions = f"with triton {triton.__version__} and torch {torch.__version__},"
-    return versions in Path(gpu_compile.table_path(str(TABLES), "sm_90")).read_text()
+    return versions in Path(compiled_kernels.table_path(str(TABLES), "sm_90")).read_text()
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +64,7 @@ def report(tmp_path_factory):
     sm_90 alone with another (half the compile time)."""
     out = tmp_path_factory.mktemp("gpu-compile") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    archs = ",".join(str(a) for a in (gpu_compile.ARCHS if _tables_version() else (90,)))
+    archs = ",".join(str(a) for a in (compiled_kernels.ARCHS if _tables_version() else (90,)))
     done = subprocess.run([sys.executable, str(Path(__file__).with_name("gpu_compile.py")),
                            "--json", str(out), "--archs", archs], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=1200)
@@ -153,16 +154,16 @@ def test_shared_memory_fits_the_sm(report):
 
 def test_grids_within_cuda_limits(report):
     for row in _compiled(report):
-        for size, limit in zip(row["max_grid"], gpu_compile.GRID_LIMITS):
+        for size, limit in zip(row["max_grid"], compiled_kernels.GRID_LIMITS):
             assert 1 <= size <= limit, f"{_name(row)}: grid {row['max_grid']}"
 
 
-@pytest.mark.parametrize("arch", [a["name"] for a in gpu_compile.ARCHS.values()])
+@pytest.mark.parametrize("arch", [a["name"] for a in compiled_kernels.ARCHS.values()])
 def test_committed_table_is_current(report, arch):
     """``bench/results/aot-sm*.md`` is what this check writes (``make aot`` rewrites them), for
     the Triton and torch versions the table names; under others the numbers may differ, and
     the table is not compared."""
-    path = Path(gpu_compile.table_path(str(TABLES), arch))
+    path = Path(compiled_kernels.table_path(str(TABLES), arch))
     assert path.exists(), f"{path} is missing: run `make aot`"
     if arch not in report["archs"]:
         pytest.skip(f"not compiled for {arch} here: this Triton did not write the tables")
@@ -171,7 +172,8 @@ def test_committed_table_is_current(report, arch):
     if f"with {versions}," not in committed:
         pytest.skip(f"{path.name} was written with other versions than this environment's "
                     f"({versions})")
-    assert committed == gpu_compile.table(report, arch), f"{path.name} is stale: run `make aot`"
+    assert committed == compiled_kernels.table(report, arch), (
+        f"{path.name} is stale: run `make aot`")
 
 
 # --- Registration and tracing in GPU mode -----------------------------------------------------
