@@ -150,23 +150,25 @@ _DEVICE_CONSTANTS: Dict[tuple, torch.Tensor] = {}
 def device_constants(values: Tuple[float, ...], device: torch.device) -> torch.Tensor:
     """``values`` as a float64 tensor on ``device``, for kernels that need float64 scalars in
     full (Triton passes a Python float as float32) or values that change every step without a
-    recompilation. Kept per value (a run has few): an eager step makes no host-to-device
-    copy."""
+    recompilation. Kept per value (a run has few), so a step with known values launches
+    nothing for them."""
     if tracing():  # a graph constant; a tensor made while tracing must not outlive the graph
         return torch.tensor(values, dtype=torch.float64, device=device)
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        # A copy from the host cannot be captured; fills can, and run at each replay (so the
-        # tensor is filled only once the graph replays: not for the cache).
-        out = torch.empty(len(values), dtype=torch.float64, device=device)
-        for i, value in enumerate(values):
-            out[i].fill_(value)
-        return out
     key = (values, device)
     value = _DEVICE_CONSTANTS.get(key)
-    if value is None:
-        if len(_DEVICE_CONSTANTS) >= 64:
-            _DEVICE_CONSTANTS.clear()
-        value = _DEVICE_CONSTANTS[key] = torch.tensor(values, dtype=torch.float64).to(device)
+    if value is not None:
+        return value
+    # Filled on the device, not copied from the host: a blocking host-to-device copy would
+    # synchronize the stream (a new kl_weight every step would then cost a sync every step),
+    # and cannot be captured in a CUDA graph.
+    value = torch.empty(len(values), dtype=torch.float64, device=device)
+    for i, v in enumerate(values):
+        value[i].fill_(v)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return value  # filled only once the graph replays: not for the cache
+    if len(_DEVICE_CONSTANTS) >= 64:
+        _DEVICE_CONSTANTS.clear()
+    _DEVICE_CONSTANTS[key] = value
     return value
 
 

@@ -60,6 +60,23 @@ def test_the_non_finite_fallback_makes_no_host_sync(backend, seed):
     assert_no_sync_on_the_loss_path(ops, backend)
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_a_new_kl_weight_is_made_on_the_device_not_copied_from_the_host(backend, seed):
+    """A kl_weight not seen before (a warm-up schedule gives one every epoch, or step) gets no
+    tensor made from host data: on a GPU its blocking host-to-device copy would synchronize
+    the stream. (A CPU-visible proxy: ``torch.tensor(data)`` dispatches ``aten.lift_fresh``.)"""
+    kl_weight = 0.1 + torch.rand((), generator=torch.Generator().manual_seed(seed)).item()
+    batch = make_batch("realistic", torch.float32, seed)
+    # A first step makes what is made once per shape and config (plans, windows, weights).
+    compute_combined_loss(*leaf_copies(batch), kl_weight=0.05, backend=backend)
+    leaves = leaf_copies(batch, grad_target=False)
+    with OpRecorder() as recorder:
+        out = compute_combined_loss(*leaves, kl_weight=kl_weight, backend=backend)
+        out["total_loss"].backward()
+    assert recorder.ops, "the recorder saw nothing"
+    assert torch.ops.aten.lift_fresh.default not in recorder.ops
+
+
 def test_the_recorder_sees_the_reference_backends_sync():
     """The check above can fail: the reference backend does sync (seed behaviour)."""
     ops = _step("reference", make_batch("realistic", torch.float32, 0), kl_weight=0.1)
