@@ -9,7 +9,9 @@ Every backend offers the same two functions, ``combined_loss`` and ``mrstft_loss
   and for CPU tensors under ``TRITON_INTERPRET=1``. It imports Triton, so it is loaded on first
   use (and at import where it can serve, below); an ``ImportError`` makes it unavailable.
 
-``auto`` picks ``triton`` for CUDA tensors when Triton imports, else ``torch``. An unknown or
+``auto`` picks ``triton`` for CUDA tensors when Triton imports, else ``torch``, and says why in a
+debug message of the ``distill_fused`` logger (once per device type, outside any traced code:
+``logging.getLogger("distill_fused").setLevel(logging.DEBUG)`` shows it). An unknown or
 unavailable name is a ``ValueError`` listing the backends available for the tensors at hand.
 The API layer (``api/``) passes the name, and where it came from; nothing below imports this
 module.
@@ -17,13 +19,15 @@ module.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Set
 
 import torch
 
 from .backends import reference, torch_backend
+from .core.tracing import tracing
 
 NAMES = ("auto", "reference", "torch", "triton")
 
@@ -40,6 +44,8 @@ TORCH = Backend("torch", torch_backend.combined_loss, torch_backend.mrstft_loss)
 
 _triton: Optional[Backend] = None
 _triton_import_error: Optional[str] = None
+_auto_reasons_logged: Set[str] = set()
+logger = logging.getLogger("distill_fused")
 
 
 def _load_triton() -> Optional[Backend]:
@@ -85,7 +91,7 @@ def select_backend(device, name: str = "auto", source: str = "the backend argume
                          f"{device.type} tensors: "
                          f"{', '.join(['auto'] + available_backends(device))}")
     if name == "auto":
-        return _load_triton() if device.type == "cuda" and _triton_usable(device) else TORCH
+        return _auto(device)
     if not _triton_usable(device):
         why = _triton_import_error or (
             "Triton runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1")
@@ -93,6 +99,23 @@ def select_backend(device, name: str = "auto", source: str = "the backend argume
                          f"here ({why}); available: "
                          f"{', '.join(['auto'] + available_backends(device))}")
     return _load_triton()
+
+
+def _auto(device: torch.device) -> Backend:
+    """``auto``'s choice for tensors on ``device``, logged (at DEBUG) the first time each reason
+    holds."""
+    if device.type == "cuda" and _triton_usable(device):
+        chosen, why = _load_triton(), "CUDA tensors, and Triton imports"
+    elif device.type == "cuda":
+        chosen, why = TORCH, f"CUDA tensors, but Triton does not import ({_triton_import_error})"
+    else:
+        chosen, why = TORCH, (f"{device.type} tensors: the triton backend runs CUDA tensors "
+                              "(auto never picks Triton's interpreter; name backend='triton' "
+                              "under TRITON_INTERPRET=1 for that)")
+    if not tracing() and why not in _auto_reasons_logged:
+        _auto_reasons_logged.add(why)
+        logger.debug("loss backend auto -> %s: %s", chosen.name, why)
+    return chosen
 
 
 # Where the triton backend can serve (a CUDA build of torch, or the interpreter) it is imported

@@ -19,11 +19,11 @@ object with the same fields.
 from __future__ import annotations
 
 import weakref
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
-from ..core.config import LossConfig, as_loss_config
+from ..core.config import LossConfig, LossConfigLike, as_loss_config
 from ..core.settings import MRSTFTSettings, settings_from_auraloss
 from ..core.tracing import tracing
 from ..dispatch import select_backend
@@ -36,7 +36,8 @@ __all__ = ["compute_combined_loss", "create_stft_loss", "vae_loss", "get_kl_weig
            "compute_kl_divergence", "MultiResolutionSTFTLoss"]
 
 
-def create_stft_loss(loss_config: LossConfig, device=None) -> MultiResolutionSTFTLoss:
+def create_stft_loss(loss_config: LossConfigLike,
+                     device: Union[str, torch.device, None] = None) -> MultiResolutionSTFTLoss:
     """The multi-resolution STFT loss of ``loss_config.stft``, ready for tensors on ``device``
     (``loss_config``: a ``LossConfig`` or an object with its fields)."""
     cfg = as_loss_config(loss_config).stft
@@ -99,9 +100,9 @@ def compute_combined_loss(
     target: torch.Tensor,
     mu: torch.Tensor,
     logvar: torch.Tensor,
-    loss_config: Optional[LossConfig] = None,
-    kl_weight: float = 0.0,
-    _stft_loss_fn=None,
+    loss_config: Optional[LossConfigLike] = None,
+    kl_weight: Union[float, torch.Tensor] = 0.0,
+    _stft_loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
     *,
     backend: Optional[str] = None,
     nonfinite: Optional[str] = None,
@@ -148,7 +149,9 @@ def _free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> t
     return torch.clamp(kl, min=free_bits).sum(dim=1).mean()
 
 
-def vae_loss(recon, target, mu, logvar, kl_weight: float = 1.0, free_bits: float = 0.1):
+def vae_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+             kl_weight: float = 1.0, free_bits: float = 0.1,
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(mse + kl_weight * kl, mse, kl)`` with the free-bits KL (just ``mse`` if
     ``kl_weight <= 0``)."""
     mse = torch.nn.functional.mse_loss(recon, target)

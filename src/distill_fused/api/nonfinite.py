@@ -22,7 +22,7 @@ so here it is a choice, made with ``set_nonfinite_mode(mode)``, the environment 
 from __future__ import annotations
 
 import logging
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 
@@ -61,14 +61,14 @@ def nonfinite_mode(override: Optional[str] = None) -> str:
     return _check_mode(env, NONFINITE_VAR) if env else "silent"
 
 
-def nonfinite_count(device) -> torch.Tensor:
+def nonfinite_count(device: Union[str, torch.device]) -> torch.Tensor:
     """How many calls with inputs on ``device`` fell back to ``recon_loss`` (counted in the
     ``"count"`` and ``"warn"`` modes): a 0-dim int64 tensor on that device, a copy taken
     without a sync (reading its value is one)."""
     return _counter(torch.device(device)).clone()
 
 
-def reset_nonfinite_count(device=None) -> None:
+def reset_nonfinite_count(device: Union[str, torch.device, None] = None) -> None:
     """Start counting again from 0, on ``device`` (``None``: on every device)."""
     devices = list(_counters) if device is None else [_device_key(torch.device(device))]
     for key in devices:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -58,8 +58,8 @@ class MultiResolutionSTFTLoss(torch.nn.Module):
         eps: float = 1e-8,
         backend: Optional[str] = None,
         fft_grouping: Optional[str] = None,
-        **auraloss_options,
-    ):
+        **auraloss_options: Any,
+    ) -> None:
         super().__init__()
         _reject_unsupported(auraloss_options)
         s = make_settings(fft_sizes, hop_sizes, win_lengths, window, w_sc, w_log_mag,

@@ -17,7 +17,7 @@ import math
 import numbers
 import operator
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Protocol, Tuple, Type, TypeVar, Union
 
 
 def as_weight(owner: str, name: str, value) -> float:
@@ -49,12 +49,15 @@ def as_sizes(owner: str, name: str, values) -> Tuple[int, ...]:
     return tuple(sizes)
 
 
+FieldsT = TypeVar("FieldsT", bound="_Fields")
+
+
 class _Fields:
     """``from_dict`` / ``to_dict`` for the config dataclasses (JSON and YAML hold dicts and
     lists): ``cls.from_dict(c.to_dict()) == c``."""
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]):
+    def from_dict(cls: Type[FieldsT], values: Mapping[str, Any]) -> FieldsT:
         """The config of ``values`` (missing fields keep their defaults; nested configs may be
         dicts). An unknown key is a ``ValueError`` naming it."""
         if not isinstance(values, Mapping):
@@ -142,6 +145,7 @@ class LossConfig(_Fields):
     Each may be given as its config class or as a dict of its fields (from JSON or YAML),
     which is converted and checked here."""
 
+    # Annotated as what they hold once built (a dict given here is converted).
     stft: STFTLossConfig = field(default_factory=STFTLossConfig)
     reconstruction: ReconLossConfig = field(default_factory=ReconLossConfig)
     kl: KLLossConfig = field(default_factory=KLLossConfig)
@@ -200,7 +204,16 @@ _RESOLVED: Dict[tuple, LossConfig] = {}
 _MAX_RESOLVED = 64  # distinct configurations kept (a run has one, or a few)
 
 
-def as_loss_config(config) -> LossConfig:
+class LossConfigLike(Protocol):
+    """What the loss functions take for a config: a ``LossConfig``, or any object with its three
+    parts (the application's own config classes), each with the fields the loss reads."""
+
+    stft: Any
+    reconstruction: Any
+    kl: Any
+
+
+def as_loss_config(config: Union[LossConfigLike, None]) -> LossConfig:
     """A checked ``LossConfig`` with the values ``config`` holds now in the fields the loss
     reads (``None``: the defaults).
 
