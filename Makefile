@@ -18,7 +18,7 @@ $(VENV36)/.installed: pyproject.toml constraints.txt constraints-triton36.txt to
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m distill_fused.demo
+	$(PY) -m distill_fused
 
 # The linter (rules and why: pyproject.toml's [tool.ruff]), before any test.
 lint: $(VENV)/.installed

@@ -1,0 +1,117 @@
+"""``python -m distill_fused`` / ``distill-fused``: the help, a clean failure for what this
+machine cannot serve, a verdict that can fail, and the JSON output."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill_fused import cli, selfcheck
+
+SMALL = ["--batch", "2", "--height", "16", "--width", "67", "--latent", "8", "--reps", "1"]
+OPTIONS = ["--backend", "--dtype", "--device", "--batch", "--height", "--width", "--latent",
+           "--reps", "--json", "--quiet", "--verbose"]
+
+
+def _run(*args, interpret=True):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, "-m", "distill_fused", *args], capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+def test_help_explains_every_option_and_column():
+    run = _run("--help")
+    assert run.returncode == 0 and not run.stderr
+    help_text = run.stdout
+    for option in OPTIONS:
+        line = next(line for line in help_text.splitlines() if line.strip().startswith(option))
+        assert len(line.split(maxsplit=2)) == 3, f"{option} has no explanation: {line!r}"
+    for column in ("loss error", "grad error", "tolerance", "check", "median", "speed-up"):
+        assert f"\n  {column}" in help_text, column
+    assert "exit status" in help_text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present: cuda is served")
+def test_an_unavailable_device_is_one_line_and_status_2():
+    run = _run("--device", "cuda")
+    assert run.returncode == 2
+    assert run.stderr.startswith("distill-fused: error: --device cuda: ")
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+    assert run.stdout == ""
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--device", "tpu"], "--device tpu: not a device"),
+    (["--backend", "triton", "--device", "cpu"], "--backend triton: loss backend 'triton' is "
+                                                 "not available for cpu tensors"),
+    (["--width", "2"], "too short for the STFT loss"),
+])
+def test_what_cannot_run_here_is_one_line_and_status_2(args, says):
+    run = _run(*args, "--quiet", interpret=False)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith("distill-fused: error: ") and says in run.stderr
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+
+
+def test_a_run_checks_every_backend_and_dtype_against_the_oracle(tmp_path):
+    out = tmp_path / "result.json"
+    run = _run(*SMALL, "--device", "cpu", "--json", str(out))
+    assert run.returncode == 0, run.stdout + run.stderr
+    doc = json.loads(out.read_text())
+    assert doc["passed"] is True and doc["device"] == "cpu"
+    seen = {(r["backend"], r["dtype"]) for r in doc["results"]}
+    assert seen == {(b, d) for b in ("reference", "torch", "triton")
+                    for d in ("float32", "float64")}
+    for r in doc["results"]:
+        assert set(r["loss_errors"]) == {"total_loss", "stft_loss", "mag_recon_loss",
+                                         "if_recon_loss", "kl_loss", "recon_loss"}
+        assert set(r["grad_errors"]) == {"recon", "mu", "logvar"}
+        assert max(r["loss_errors"].values()) <= r["loss_tolerance"]
+        assert all(e <= r["grad_tolerances"][k] for k, e in r["grad_errors"].items())
+        assert r["median_ms"] > 0
+    torch_f32 = next(r for r in doc["results"] if r["backend"] == "torch"
+                     and r["dtype"] == "float32")
+    assert torch_f32["speedup_vs_reference"] > 0
+    assert 0 < max(torch_f32["grad_errors"].values()) < 1e-2  # a float32 run, measured
+    table = run.stdout
+    assert "6 of 6 checks PASS" in table and "FAIL" not in table
+    assert table.count(" ms ") == 6 and "speed-up" in table
+    # progress on stderr, as it goes
+    assert "comparing with the float64 oracle" in run.stderr
+
+
+def test_json_to_stdout_is_the_whole_output():
+    run = _run(*SMALL, "--backend", "torch", "--dtype", "float64", "--quiet", "--json", "-",
+               interpret=False)
+    assert run.returncode == 0 and run.stderr == ""
+    doc = json.loads(run.stdout)
+    assert [(r["backend"], r["dtype"]) for r in doc["results"]] == [
+        ("reference", "float64"), ("torch", "float64")]
+
+
+def test_a_check_outside_its_tolerance_fails_with_status_1(monkeypatch, capsys):
+    # A tolerance no float32 computation meets: the verdict must say FAIL and the status 1.
+    monkeypatch.setitem(selfcheck.LOSS_TOLERANCE, torch.float32, 1e-30)
+    status = cli.main([*SMALL, "--backend", "torch", "--dtype", "float32", "--device", "cpu",
+                       "--quiet"])
+    table = capsys.readouterr().out
+    assert status == 1
+    assert "FAIL: reference float32, torch float32" in table
+
+
+def test_the_console_script_is_installed():
+    script = Path(sys.executable).parent / "distill-fused"
+    run = subprocess.run([str(script), "--version"], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == f"distill-fused {cli.__version__}"
+
+
+def test_the_former_demo_module_runs_the_same_command():
+    run = subprocess.run([sys.executable, "-m", "distill_fused.demo", "--version"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.startswith("distill-fused ")
