@@ -7,7 +7,7 @@ PY36 := $(VENV36)/bin/python
 # Triton kernels run on CPU tensors through its interpreter when no GPU is present.
 export TRITON_INTERPRET ?= 1
 
-.PHONY: demo lint test test-triton39 test-triton36 bench render aot costmodel mutants clean
+.PHONY: demo lint test test-triton39 test-triton36 bench render gpu-wheels aot costmodel mutants clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt tools/install.sh
 	bash tools/install.sh $(VENV)
@@ -38,12 +38,25 @@ test-triton39: $(VENV)/.installed
 test-triton36: $(VENV36)/.installed
 	$(PY36) -m pytest -q -p no:cacheprovider --only-backend triton tests
 
+# Writes bench/results/<device>.json (this device's latest run), then renders every results
+# file into bench/RESULTS.md, bench/speedup.png and the README's tables, and lists which of
+# those files changed (all are tracked: git diff shows how, git checkout undoes it).
 bench: $(VENV)/.installed
 	$(PY) -m pytest -q bench -p no:cacheprovider
 	$(PY) bench/render.py
 
 render: $(VENV)/.installed
 	$(PY) bench/render.py
+
+# What bench/gpu_check.sh installs on a GPU machine (carried there in .whl/, which git ignores):
+# this package's wheel, built from this checkout, and auraloss's, which the GPU image lacks.
+# Rebuild before each GPU run: the wheel is the code that runs there.
+gpu-wheels: $(VENV)/.installed
+	rm -rf .whl && mkdir .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .whl auraloss==0.4.0
+	$(PY) -m pip wheel -q --no-deps -w .whl .
+	git describe --always --dirty > .whl/BUILT_FROM
+	@echo "wheels for bench/gpu_check.sh in .whl/ (built from $$(cat .whl/BUILT_FROM)):"; ls .whl
 
 # The tables of every kernel specialization compiled for sm_90 and sm_80 (no GPU needed), by
 # the GPU image's Triton (3.6).

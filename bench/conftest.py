@@ -1,5 +1,6 @@
 """``pytest bench/``: every case x provider, results written once the session ends."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -31,5 +32,8 @@ def pytest_configure(config):
 
 def pytest_sessionfinish(session, exitstatus):
     if _ROWS or _KERNEL_ROWS:
-        path = harness.write_results(_ROWS, harness.device(), _KERNEL_ROWS)
-        print(f"\nbenchmark results written to {path}")
+        path = harness.results_path(harness.device())
+        existed = path.exists()
+        harness.write_results(_ROWS, harness.device(), _KERNEL_ROWS)
+        replaced = "replacing this device's previous run" if existed else "new"
+        print(f"\nbenchmark results written to {os.path.relpath(path)} ({replaced})")

@@ -187,6 +187,11 @@ def write_results(rows: List[Dict], dev: torch.device, kernel_rows: List[Dict] =
     if kernel_rows:
         doc["kernels"] = list(kernel_rows)
     RESULTS_DIR.mkdir(exist_ok=True)
-    path = RESULTS_DIR / f"{device_slug(dev)}.json"
+    path = results_path(dev)
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
+
+
+def results_path(dev: torch.device) -> Path:
+    """Where a run on ``dev`` writes its results (one file per device: the latest run)."""
+    return RESULTS_DIR / f"{device_slug(dev)}.json"

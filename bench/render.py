@@ -13,8 +13,10 @@ def _fmt(value, spec):
 
 
 def load():
-    return [json.loads(p.read_text()) | {"file": p.name}
+    """Every benchmark run in ``bench/results/`` (the cost model's JSON there is not one)."""
+    docs = [json.loads(p.read_text()) | {"file": p.name}
             for p in sorted((HERE / "results").glob("*.json"))]
+    return [doc for doc in docs if "results" in doc and "device" in doc]
 
 
 def render_markdown(docs) -> str:
@@ -95,15 +97,26 @@ def update_readme(tables: str) -> None:
         readme.write_text(f"{head}{begin}\n{tables}\n{end}{tail}")
 
 
+def _contents(paths):
+    return {p: p.read_bytes() if p.exists() else None for p in paths}
+
+
 def main() -> None:
     docs = load()
+    written = [HERE / "RESULTS.md", HERE.parent / "README.md"] + (
+        [HERE / "speedup.png"] if docs else [])
+    before = _contents(written)
     markdown = render_markdown(docs)
     (HERE / "RESULTS.md").write_text(markdown)
     per_device = markdown.split("\n## ")[1:]
     update_readme("\n".join("### " + part for part in per_device) or "(no results yet)")
     if docs:
         render_plot(docs, HERE / "speedup.png")
-    print(f"rendered {len(docs)} result file(s) into bench/RESULTS.md and bench/speedup.png")
+    after = _contents(written)
+    print(f"rendered {len(docs)} result file(s) of bench/results/ into:")
+    for path in written:
+        what = "changed" if before[path] != after[path] else "unchanged"
+        print(f"  {path.relative_to(HERE.parent)}: {what}")
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@ import json
 import os
 import subprocess
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import requires_cuda
 from distill_fused import cli, selfcheck
 
 SMALL = ["--batch", "2", "--height", "16", "--width", "67", "--latent", "8", "--reps", "1"]
@@ -105,10 +107,27 @@ def test_a_check_outside_its_tolerance_fails_with_status_1(monkeypatch, capsys):
     assert "FAIL: reference float32, torch float32" in table
 
 
-def test_the_console_script_is_installed():
-    script = Path(sys.executable).parent / "distill-fused"
-    run = subprocess.run([str(script), "--version"], capture_output=True, text=True)
-    assert run.returncode == 0 and run.stdout.strip() == f"distill-fused {cli.__version__}"
+def test_the_console_script_is_installed(capsys):
+    (script,) = entry_points(group="console_scripts", name="distill-fused")
+    assert script.value == "distill_fused.cli:main"
+    with pytest.raises(SystemExit) as exit_:
+        script.load()(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"distill-fused {cli.__version__}"
+    installed = Path(sys.executable).parent / "distill-fused"
+    if installed.exists():  # a venv install (a --target install puts it elsewhere)
+        run = subprocess.run([str(installed), "--version"], capture_output=True, text=True)
+        assert run.returncode == 0 and run.stdout.startswith("distill-fused ")
+
+
+@requires_cuda
+def test_a_run_on_the_gpu_passes_every_check(tmp_path):
+    out = tmp_path / "result.json"
+    run = _run(*SMALL, "--device", "cuda", "--json", str(out), interpret=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    doc = json.loads(out.read_text())
+    assert {r["backend"] for r in doc["results"]} == {"reference", "torch", "triton"}
+    assert doc["passed"] is True and doc["device_name"]
 
 
 def test_the_former_demo_module_runs_the_same_command():

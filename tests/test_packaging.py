@@ -21,9 +21,20 @@ ROOT = Path(__file__).resolve().parents[1]
 def wheel(tmp_path_factory):
     """The wheel ``pip`` builds from this checkout (no dependencies fetched)."""
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--disable-pip-version-check", "-w", str(out), str(ROOT)],
-                   check=True, capture_output=True, text=True)
+    # With this environment's setuptools where it is new enough, else pip's isolated build.
+    try:
+        import setuptools
+        isolation = int(setuptools.__version__.split(".")[0]) < 77
+    except ImportError:
+        isolation = True
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                            "--disable-pip-version-check", "-w", str(out), str(ROOT)]
+                           + ([] if isolation else ["--no-build-isolation"]),
+                           capture_output=True, text=True)
+    if build.returncode and "No matching distribution found for setuptools" in build.stderr:
+        pytest.skip("building the wheel needs setuptools>=77, which neither this environment "
+                    "nor a reachable package index has")
+    assert build.returncode == 0, build.stderr
     (path,) = out.glob("distill_fused-*.whl")
     return zipfile.ZipFile(path)
 
