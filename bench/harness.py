@@ -1,4 +1,4 @@
-"""Cases, providers and measurements of the benchmark protocol (README, "Benchmarks").
+"""Cases, providers and measurements of the benchmark protocol (docs/benchmarks.md).
 
 A provider turns a batch into a ``step()`` that runs one forward+backward of
 ``compute_combined_loss``. Timing: CUDA events after warm-up on a GPU, ``perf_counter`` through

@@ -9,7 +9,7 @@ PACKAGE = ROOT / "src" / "distill_fused"
 KERNELS = ROOT / "kernels"  # installed as distill_fused.kernels
 
 # Layer of each part of the package, top first: a module may import its own layer and those
-# below it. The names the package hands on (its __init__, the demo, the synthetic batches) sit
+# below it. The names the package hands on (its __init__, the command, the synthetic batches) sit
 # above the API.
 LAYERS = {"distill_fused": 5, "api": 4, "dispatch": 3, "backends": 2, "kernels": 1, "core": 0}
 
