@@ -54,6 +54,7 @@ render: $(VENV)/.installed
 gpu-wheels: $(VENV)/.installed
 	rm -rf .whl && mkdir .whl
 	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .whl auraloss==0.4.0
+	rm -rf build
 	$(PY) -m pip wheel -q --no-deps -w .whl .
 	git describe --always --dirty > .whl/BUILT_FROM
 	@echo "wheels for bench/gpu_check.sh in .whl/ (built from $$(cat .whl/BUILT_FROM)):"; ls .whl

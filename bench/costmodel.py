@@ -12,7 +12,8 @@ and read with the tools in Triton's wheel, nothing run), and the aten operations
 - grid, registers, resident blocks per SM and static SASS instructions (from the compile);
 - three lower bounds on its time on an H100 (132 SMs):
 
-  * ``bytes / BW``, BW = 3.0 TB/s (the copy bandwidth measured on these machines);
+  * ``bytes / BW``, BW = 3.0 TB/s: an assumed sustained bandwidth for an H100, about 90% of
+    its 3.35 TB/s datasheet figure (not measured here: no GPU has run this project yet);
   * issue: the SM with the most programs (``ceil(G / 132)``) issues ``warps x SASS x trips``
     warp-instructions each, at 4 per clock (1.98 GHz), ``trips`` being the passes of the
     kernel's main loop (1 for straight-line code);
@@ -55,7 +56,7 @@ import gpu_compile  # noqa: E402
 from aten_launches import launches_kernel  # noqa: E402
 
 SMS = 132
-BW = 3.0e12                # bytes/s: the copy bandwidth measured on these machines
+BW = 3.0e12                # bytes/s: assumed, ~90% of an H100's 3.35 TB/s datasheet figure
 CLOCK = 1.98e9             # SM clock, Hz
 ISSUE_PER_CLOCK = 4        # warp-instructions per SM per clock (4 schedulers)
 LAUNCH_US = 2.5            # per launch
@@ -452,7 +453,7 @@ def header(before: bool) -> str:
         f"triton {triton.__version__} and torch {torch.__version__}, on a machine without a "
         "GPU: no GPU has run these kernels yet, and the GPU session (issue 18) is to set "
         "measured times beside these. Each launch's prediction is the largest of bytes / "
-        "3.0 TB/s, the busiest SM's instruction issue and its share of the bandwidth, plus "
+        "3.0 TB/s (an assumed H100 bandwidth, not a measurement), the busiest SM's instruction issue and its share of the bandwidth, plus "
         "2.5 us. It counts every byte as crossing device memory: an H100's 50 MB L2 may serve "
         "some re-reads (a resolution's frames, written and then read by its FFT, are 12.5 MB "
         "at the user case), so the measurement may come in under it.",

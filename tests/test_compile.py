@@ -1,6 +1,8 @@
 """torch.compile(fullgraph=True) traces a training step through compute_combined_loss with no
 graph break (the custom ops are registered with torch.library), and gives the eager numbers."""
 
+import logging
+
 import pytest
 import torch
 
@@ -144,3 +146,17 @@ def test_first_call_inside_a_compiled_step_needs_no_import(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(done.stdout.splitlines()) == len(FAST_BACKENDS)
+
+
+def test_auto_with_its_debug_log_on_traces_without_a_break(monkeypatch, caplog, seed):
+    # auto says why it chose its backend (a logger call, which Dynamo cannot trace): never
+    # while tracing, and once, in eager code, after.
+    from distill_fused import dispatch
+    monkeypatch.setattr(dispatch, "_auto_reasons_logged", set())
+    caplog.set_level(logging.DEBUG, logger="distill_fused")
+    _compiled_vs_eager("auto", "cpu", "aot_eager", seed)
+    _compiled_vs_eager("auto", "cpu", "aot_eager", seed)
+    said = [r.getMessage() for r in caplog.records if "loss backend auto" in r.getMessage()]
+    assert said == ["loss backend auto -> torch: cpu tensors: the triton backend runs CUDA "
+                    "tensors (auto never picks Triton's interpreter; name backend='triton' "
+                    "under TRITON_INTERPRET=1 for that)"]

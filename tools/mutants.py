@@ -239,6 +239,25 @@ MUTANTS: List[Mutant] = [
            "coef.add_(torch.sign(log_ratio).div_(m), alpha=w_log / count)",
            "the log-magnitude gradient's sign for the target",
            ("tests/test_combined_loss.py",)),
+    # python -m distill_fused: its verdict and tolerances, and auto's reason.
+    Mutant("selfcheck-gradient-verdict", "src/distill_fused/selfcheck.py",
+           "and all(e <= self.grad_tolerances[k] for k, e in self.grad_errors.items()))",
+           "and True)",
+           "a gradient outside its tolerance reported as PASS",
+           ("tests/test_cli.py",)),
+    Mutant("selfcheck-float32-tolerance", "src/distill_fused/selfcheck.py",
+           "max(GRAD_FLOOR_FLOAT32, 2 * own[k])", "max(GRAD_FLOOR_FLOAT32, own[k])",
+           "float32 gradients judged against the reference's own error, not twice it",
+           ("tests/test_cli.py",)),
+    Mutant("auto-says-why", "src/distill_fused/dispatch.py",
+           'logger.debug("loss backend auto -> %s: %s", chosen.name, why)', "pass",
+           "auto's choice made silently",
+           ("tests/test_packaging.py",)),
+    Mutant("auto-logs-while-tracing", "src/distill_fused/dispatch.py",
+           "if not tracing() and why not in _auto_reasons_logged:",
+           "if why not in _auto_reasons_logged:",
+           "a logger call inside a compiled step: a graph break, so fullgraph fails",
+           ("tests/test_compile.py",)),
 ]
 
 

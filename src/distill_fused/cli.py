@@ -5,32 +5,50 @@ backend available on this machine, in float32 and float64, and prints for each o
 error against the float64 oracle (values and gradients), the tolerance, PASS or FAIL, and its
 median time with the speed-up over ``reference``. ``selfcheck.py`` does the measuring.
 
-Exit status: 0 when every check passes, 1 when one fails, 2 for an option that cannot be
-served here (a device or backend this machine lacks; one line on stderr).
+Exit status: 0 when every check passes, 1 when one fails, 2 for an option that cannot work
+here (a device or backend this machine lacks, a batch too short for the STFT loss): one line
+on stderr, before any work.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
 import os
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import IO, Any, Dict, List, Optional, Sequence
 
 import torch
 
 from . import __version__
+from .core.config import LossConfig
 from .dispatch import NAMES, available_backends, select_backend
-from .selfcheck import Checker, Problem, Row, add_speedups
+from .selfcheck import (
+    GRAD_FLOOR_FLOAT32,
+    GRAD_TOLERANCE_FLOAT64,
+    LOSS_TOLERANCE,
+    Checker,
+    Problem,
+    Row,
+    add_speedups,
+)
 
 PROG = "distill-fused"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-# Triton's interpreter (numpy) takes over a minute a step at the user's shape: it checks the
-# kernels on this small batch instead, once.
+# Triton's interpreter (numpy) is far too slow for the user's shape: it checks the kernels on
+# this small batch instead, once.
 INTERPRETED_PROBLEM = dict(batch=2, height=16, width=67, latent=8)
 
 logger = logging.getLogger("distill_fused.cli")
+
+
+def _sci(value: float) -> str:
+    """1e-08 as 1e-8."""
+    return f"{value:.0e}".replace("e-0", "e-")
+
 
 EPILOG = f"""\
 what the columns mean:
@@ -38,21 +56,26 @@ what the columns mean:
                |v - v_oracle| / |v_oracle|
   grad error   relative error ||g - g_oracle|| / ||g_oracle|| of the gradient of total_loss
                (for recon, mu and logvar) that comes nearest its tolerance; its input is named
-  tolerance    what the error may reach: float64 1e-10 (losses) / 1e-8 (gradients); float32
-               1e-5 (losses) / max(1e-3, 2 x the float32 reference's own error) (gradients)
+  tolerance    what the error may reach: float64 {_sci(LOSS_TOLERANCE[torch.float64])} \
+(losses) / {_sci(GRAD_TOLERANCE_FLOAT64)} (gradients); float32
+               {_sci(LOSS_TOLERANCE[torch.float32])} (losses) / \
+max({_sci(GRAD_FLOOR_FLOAT32)}, 2 x the float32 reference's own error) (gradients)
   check        PASS when every loss and every gradient is within its tolerance ("oracle":
                the reference in float64, which the others are compared with)
   median       median time of one forward+backward step, in milliseconds, after a warm-up
-               step (CUDA events on a GPU, the wall clock elsewhere)
+               step (CUDA events on a GPU, the wall clock elsewhere): a quick figure, as noisy
+               as the machine is busy (the JSON has each row's fastest and slowest step);
+               the benchmark (make bench) is the measurement
   speed-up     the reference's median time in the same dtype divided by this backend's
                (n/a for Triton's interpreter, which is not run for speed)
 
 The oracle is the reference backend (auraloss 0.4.0 + plain torch, the computation this
-package replaces) in float64. Under TRITON_INTERPRET=1 on a CPU the triton backend runs in
-Triton's interpreter (numpy: for checking the kernels, not for speed); it is checked there on
-a small batch {list(INTERPRETED_PROBLEM.values())} ([B, H, W, D]), beside the reference.
+package replaces) in float64, on the same inputs (the batch rounded to the row's dtype).
+Under TRITON_INTERPRET=1 on a CPU the triton backend runs in Triton's interpreter (numpy: for
+checking the kernels, not for speed); it is checked there on a small batch
+{list(INTERPRETED_PROBLEM.values())} ([B, H, W, D]), beside the reference.
 
-exit status: 0 all checks pass, 1 a check failed, 2 an option this machine cannot serve.
+exit status: 0 all checks pass, 1 a check failed, 2 an option that cannot work here.
 examples:
   {PROG}                                    every backend here, float32 and float64
   {PROG} --backend torch --dtype float32 --reps 20
@@ -61,9 +84,12 @@ examples:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
 
 
@@ -90,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="spectrogram height H, in mel bins (default 128)")
     parser.add_argument("--width", type=_positive, default=94, metavar="W",
                         help="spectrogram width W, in frames (default 94). H*W must be more "
-                        "than half the largest FFT size (1024 by default).")
+                        "than half the largest FFT size: at least 1025 with the default "
+                        "config.")
     parser.add_argument("--latent", type=_positive, default=128, metavar="D",
                         help="latent size D of mu and logvar (default 128)")
     parser.add_argument("--reps", type=_positive, default=10,
@@ -108,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Unavailable(Exception):
-    """An option this machine cannot serve: one line on stderr, exit status 2."""
+class OptionError(Exception):
+    """An option that cannot work here: one line on stderr, exit status 2, before any work."""
 
 
 def _device(text: Optional[str]) -> torch.device:
@@ -118,42 +145,51 @@ def _device(text: Optional[str]) -> torch.device:
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise Unavailable(f"--device {text}: not a device (cpu, cuda, cuda:N or mps)") from None
+        raise OptionError(f"--device {text}: not a device (cpu, cuda, cuda:N or mps)") from None
     if device.type == "cuda":
-        if torch.version.cuda is None:
-            raise Unavailable(f"--device {text}: this torch ({torch.__version__}) is built "
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise OptionError(f"--device {text}: this torch ({torch.__version__}) is built "
                               "without CUDA; install a CUDA build of torch, or use --device cpu")
         if not torch.cuda.is_available():
-            raise Unavailable(f"--device {text}: no CUDA GPU is visible to torch here")
+            raise OptionError(f"--device {text}: no CUDA GPU is visible to torch here")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise Unavailable(f"--device {text}: there are {torch.cuda.device_count()} "
+            raise OptionError(f"--device {text}: there are {torch.cuda.device_count()} "
                               "CUDA devices here")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise Unavailable(f"--device {text}: MPS is not available here")
+        raise OptionError(f"--device {text}: MPS is not available here")
     elif device.type not in ("cpu", "cuda", "mps"):
-        raise Unavailable(f"--device {text}: the loss runs on cpu, cuda or mps")
+        raise OptionError(f"--device {text}: the loss runs on cpu, cuda or mps")
     return device
 
 
 def _dtypes(names: Optional[List[str]], device: torch.device) -> List[torch.dtype]:
     if device.type == "mps":
         if names and "float64" in names:
-            raise Unavailable("--dtype float64: MPS has no float64")
+            raise OptionError("--dtype float64: MPS has no float64")
         return [torch.float32]
     return [DTYPES[n] for n in dict.fromkeys(names or DTYPES)]
 
 
 def _backends(names: Optional[List[str]], device: torch.device) -> List[str]:
     """The backends to check, in table order, the reference first."""
-    here = available_backends(device)
     chosen = []
-    for name in names or here:
+    for name in names or available_backends(device):
         try:
-            resolved = select_backend(device, name, source="--backend").name
+            chosen.append(select_backend(device, name, source="--backend").name)
         except ValueError as exc:
-            raise Unavailable(f"--backend {name}: {exc}") from None
-        chosen.append(resolved)
+            raise OptionError(f"--backend {name}: {exc}") from None
     return ["reference"] + [b for b in dict.fromkeys(chosen) if b != "reference"]
+
+
+def _problem(args: argparse.Namespace) -> Problem:
+    """The batch of the options, if the STFT loss can take it (its reflect padding needs more
+    than half the largest FFT size of samples per flattened spectrogram)."""
+    shortest = max(LossConfig().stft.fft_sizes) // 2 + 1
+    if args.height * args.width < shortest:
+        raise OptionError(f"--height {args.height} --width {args.width}: the STFT loss needs "
+                          f"H*W >= {shortest} (half its largest FFT size, plus one), got "
+                          f"{args.height * args.width}")
+    return Problem(args.batch, args.height, args.width, args.latent)
 
 
 def _interpreted(backend: str, device: torch.device) -> bool:
@@ -169,14 +205,17 @@ def run_checks(problem: Problem, device: torch.device, backends: Sequence[str],
         small = Problem(**INTERPRETED_PROBLEM, kl_weight=problem.kl_weight, seed=problem.seed)
         groups.setdefault(small, ["reference"]).append("triton")
     rows = []
-    for group_problem, group_backends in groups.items():
-        logger.info("computing the float64 oracle on %s", group_problem.describe())
-        checker = Checker(group_problem, device, oracle_device)
-        for dtype in dtypes:
-            for backend in group_backends:
-                interpreted = _interpreted(backend, device)
-                rows.append(checker.check(backend, dtype, 1 if interpreted else reps,
-                                          interpreted))
+    # cuda:N: Triton launches, and CUDA events record, on the current device.
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        for group_problem, group_backends in groups.items():
+            logger.info("computing the float64 oracle on %s", group_problem.describe())
+            checker = Checker(group_problem, device, oracle_device)
+            for dtype in dtypes:
+                for backend in group_backends:
+                    interpreted = _interpreted(backend, device)
+                    rows.append(checker.check(backend, dtype, 1 if interpreted else reps,
+                                              interpreted))
     add_speedups(rows)
     return rows
 
@@ -190,11 +229,28 @@ def _versions() -> Dict[str, Optional[str]]:
     return {"distill_fused": __version__, "torch": torch.__version__, "triton": triton_version}
 
 
-def render_table(rows: Sequence[Row], device: torch.device) -> str:
+def _settings(device: torch.device, backends: Sequence[str]) -> List[str]:
+    """What the reader needs to weigh the table: auto's pick, the backends left out and why,
+    the threads timing ran on, and the environment variables that change the loss."""
+    auto = select_backend(device, "auto").name  # (with --verbose, auto says why: a debug log)
+    lines = [f"auto (compute_combined_loss's default) picks {auto} for {device.type} tensors "
+             f"here; timing on {torch.get_num_threads()} CPU threads"
+             + (f" and {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")]
+    if "triton" not in backends and _versions()["triton"] and device.type == "cpu":
+        lines.append("triton is not checked: it runs CUDA tensors (on a CPU only in Triton's "
+                     "interpreter: set TRITON_INTERPRET=1 and name --backend triton)")
+    variables = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("DISTILL_")]
+    if variables:
+        lines.append("environment: " + ", ".join(variables))
+    return lines
+
+
+def render_table(rows: Sequence[Row], device: torch.device, settings: Sequence[str]) -> str:
     versions = _versions()
     lines = [f"{PROG} {__version__}: compute_combined_loss, forward + backward, on {device} "
-             f"(torch {versions['torch']}, triton {versions['triton'] or 'not installed'})"]
-    header = (f"{'backend':<10} {'dtype':<8} {'loss error':>10} {'grad error':>17} "
+             f"(torch {versions['torch']}, triton {versions['triton'] or 'not installed'})",
+             *settings]
+    header = (f"{'backend':<10} {'dtype':<8} {'loss error':>10} {'grad error (input)':>18} "
               f"{'tolerance (loss/grad)':>22} {'check':>6} {'median':>11} {'speed-up':>9}")
     for problem in dict.fromkeys(r.problem for r in rows):
         group = [r for r in rows if r.problem == problem]
@@ -206,34 +262,54 @@ def render_table(rows: Sequence[Row], device: torch.device) -> str:
             _, loss_error = r.worst_loss()
             grad_name, grad_error, grad_tolerance = r.worst_grad()
             speedup = f"{r.speedup:.2f}x" if r.speedup else "n/a"
-            is_oracle = r.backend == "reference" and r.dtype == "float64"
-            check = "oracle" if is_oracle else "PASS" if r.passed else "FAIL"
+            check = "oracle" if r.is_oracle else "PASS" if r.passed else "FAIL"
             grad = f"{grad_error:.1e} ({grad_name})"
             lines.append(
-                f"{r.backend:<10} {r.dtype:<8} {loss_error:>10.1e} {grad:>17} "
-                f"{r.loss_tolerance:>10.0e} / {grad_tolerance:<9.1e} {check:>6} "
+                f"{r.backend:<10} {r.dtype:<8} {loss_error:>10.1e} {grad:>18} "
+                f"{_sci(r.loss_tolerance):>10} / {grad_tolerance:<9.1e} {check:>6} "
                 f"{r.median_ms:>8.2f} ms {speedup:>9}")
     failed = [f"{r.backend} {r.dtype}" for r in rows if not r.passed]
     lines += ["", f"{len(rows) - len(failed)} of {len(rows)} checks PASS"
               + (f"; FAIL: {', '.join(failed)}" if failed else
                  ": every backend equals the float64 oracle within its tolerance."),
-              f"(columns: {PROG} --help)"]
+              f"(what each column means: {PROG} --help; times are a quick median, the "
+              "benchmark is make bench)"]
     return "\n".join(lines)
 
 
-def to_json(rows: Sequence[Row], device: torch.device) -> dict:
+def _finite_or_text(value: Any) -> Any:
+    """JSON has no NaN or infinity: such an error is written as the string "nan" or "inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite_or_text(v) for k, v in value.items()}
+    return value
+
+
+def to_json(rows: Sequence[Row], device: torch.device, settings: Sequence[str]) -> dict:
     return {
         **_versions(), "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "settings": list(settings),
         "passed": all(r.passed for r in rows),
-        "results": [{
-            "backend": r.backend, "dtype": r.dtype, "interpreted": r.interpreted,
-            "problem": vars(r.problem), "loss_errors": r.loss_errors,
-            "loss_tolerance": r.loss_tolerance, "grad_errors": r.grad_errors,
-            "grad_tolerances": r.grad_tolerances, "passed": r.passed,
-            "median_ms": r.median_ms, "reps": r.reps, "speedup_vs_reference": r.speedup,
-        } for r in rows],
+        "results": [_finite_or_text({
+            "backend": r.backend, "dtype": r.dtype, "oracle": r.is_oracle,
+            "interpreted": r.interpreted, "problem": vars(r.problem),
+            "loss_errors": r.loss_errors, "loss_tolerance": r.loss_tolerance,
+            "grad_errors": r.grad_errors, "grad_tolerances": r.grad_tolerances,
+            "passed": r.passed, "median_ms": r.median_ms, "fastest_ms": r.range_ms[0],
+            "slowest_ms": r.range_ms[1], "reps": r.reps, "speedup_vs_reference": r.speedup,
+        }) for r in rows],
     }
+
+
+def _json_output(path: Optional[str]) -> Optional[IO[str]]:
+    if path is None or path == "-":
+        return sys.stdout if path == "-" else None
+    try:
+        return open(os.fspath(path), "w")  # opened now: an unwritable path fails before the run
+    except OSError as exc:
+        raise OptionError(f"--json {path}: {exc.strerror}") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -241,33 +317,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
     package_logger = logging.getLogger("distill_fused")
+    level = package_logger.level
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.DEBUG if args.verbose else
                             logging.WARNING if args.quiet else logging.INFO)
     try:
-        device = _device(args.device)
-        dtypes = _dtypes(args.dtype, device)
-        backends = _backends(args.backend, device)
-        problem = Problem(args.batch, args.height, args.width, args.latent)
+        try:
+            device = _device(args.device)
+            dtypes = _dtypes(args.dtype, device)
+            backends = _backends(args.backend, device)
+            problem = _problem(args)
+            json_output = _json_output(args.json)
+        except OptionError as exc:
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return 2
+        settings = _settings(device, backends)
         rows = run_checks(problem, device, backends, dtypes, args.reps)
-    except Unavailable as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError) as exc:  # the loss's own checks, e.g. a batch too short
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
     finally:
         package_logger.removeHandler(handler)
+        package_logger.setLevel(level)
 
-    if args.json:
-        text = json.dumps(to_json(rows, device), indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(os.fspath(args.json), "w") as f:
-                f.write(text + "\n")
+    if json_output is not None:
+        json_output.write(json.dumps(to_json(rows, device, settings), indent=2) + "\n")
+        if json_output is not sys.stdout:
+            json_output.close()
     if args.json != "-":
-        print(render_table(rows, device))
+        print(render_table(rows, device, settings))
         if args.json:
             print(f"results written to {args.json}")
     return 0 if all(r.passed for r in rows) else 1

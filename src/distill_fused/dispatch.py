@@ -10,7 +10,7 @@ Every backend offers the same two functions, ``combined_loss`` and ``mrstft_loss
   use (and at import where it can serve, below); an ``ImportError`` makes it unavailable.
 
 ``auto`` picks ``triton`` for CUDA tensors when Triton imports, else ``torch``, and says why in a
-debug message of the ``distill_fused`` logger (once per device type, outside any traced code:
+debug message of the ``distill_fused`` logger (once per reason, outside any traced code:
 ``logging.getLogger("distill_fused").setLevel(logging.DEBUG)`` shows it). An unknown or
 unavailable name is a ``ValueError`` listing the backends available for the tensors at hand.
 The API layer (``api/``) passes the name, and where it came from; nothing below imports this

@@ -17,6 +17,7 @@ are relative: ``|v - v_oracle| / |v_oracle|`` for each of the six losses and
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ class Row:
     loss_tolerance: float
     grad_tolerances: Dict[str, float]
     median_ms: float
+    range_ms: Tuple[float, float]  # the fastest and slowest timed step
     reps: int
     interpreted: bool = False
     speedup: Optional[float] = None  # the reference's median time in this dtype / this one's
@@ -81,34 +83,57 @@ class Row:
         self.passed = (all(e <= self.loss_tolerance for e in self.loss_errors.values())
                        and all(e <= self.grad_tolerances[k] for k, e in self.grad_errors.items()))
 
+    @property
+    def is_oracle(self) -> bool:
+        """The reference in float64: what the other rows are compared with."""
+        return self.backend == "reference" and self.dtype == "float64"
+
     def worst_loss(self) -> Tuple[str, float]:
-        return max(self.loss_errors.items(), key=lambda item: item[1])
+        return max(self.loss_errors.items(), key=lambda item: _nan_last(item[1]))
 
     def worst_grad(self) -> Tuple[str, float, float]:
-        """The gradient nearest its tolerance: name, error, tolerance."""
-        name = max(self.grad_errors, key=lambda k: self.grad_errors[k] / self.grad_tolerances[k])
+        """The gradient nearest its tolerance (or NaN): name, error, tolerance."""
+        name = max(self.grad_errors,
+                   key=lambda k: _nan_last(self.grad_errors[k] / self.grad_tolerances[k]))
         return name, self.grad_errors[name], self.grad_tolerances[name]
+
+
+def _nan_last(value: float) -> float:
+    """For ``max``: a NaN error is the worst."""
+    return math.inf if math.isnan(value) else value
 
 
 class Checker:
     """Runs ``compute_combined_loss`` as a training step does (an STFT loss made once by
-    ``create_stft_loss``, ``target`` without gradient) for one problem on one device."""
+    ``create_stft_loss``, ``target`` without gradient) for one problem on one device.
+
+    Each dtype is judged against the oracle on the same inputs: the batch rounded to that
+    dtype, then computed in float64 (on ``oracle_device``: the CPU for MPS, which has no
+    float64)."""
 
     def __init__(self, problem: Problem, device: torch.device,
                  oracle_device: Optional[torch.device] = None) -> None:
         self.problem, self.device = problem, device
+        self.oracle_device = oracle_device or device
         self.config = LossConfig()
         self.batch: Batch = realistic_batch(problem.batch, problem.height, problem.width,
                                             problem.latent, dtype=torch.float64,
                                             device="cpu", seed=problem.seed)
-        # MPS has no float64: there the oracle runs on the CPU.
-        oracle_device = oracle_device or device
-        self.oracle = self._outcome("reference", torch.float64, oracle_device)
+        self._oracles: Dict[torch.dtype, Outcome] = {}
         self._float32_reference: Optional[Outcome] = None
 
-    def _leaves(self, dtype: torch.dtype, device: torch.device) -> List[torch.Tensor]:
-        return [t.to(device=device, dtype=dtype).detach().requires_grad_(i in GRADIENT_OF.values())
-                for i, t in enumerate(self.batch)]
+    def oracle(self, dtype: torch.dtype) -> Outcome:
+        """The float64 reference on the batch rounded to ``dtype``."""
+        if dtype not in self._oracles:
+            self._oracles[dtype] = self._outcome("reference", torch.float64, self.oracle_device,
+                                                 rounded_to=dtype)
+        return self._oracles[dtype]
+
+    def _leaves(self, dtype: torch.dtype, device: torch.device,
+                rounded_to: Optional[torch.dtype] = None) -> List[torch.Tensor]:
+        rounded = [t.to(rounded_to or dtype) for t in self.batch]  # on the CPU: MPS lacks f64
+        return [t.to(dtype).to(device).requires_grad_(i in GRADIENT_OF.values())
+                for i, t in enumerate(rounded)]
 
     def _step(self, backend: str, leaves: List[torch.Tensor],
               stft_fn: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -117,15 +142,18 @@ class Checker:
         out["total_loss"].backward()
         return out
 
-    def _outcome(self, backend: str, dtype: torch.dtype, device: torch.device) -> Outcome:
-        leaves = self._leaves(dtype, device)
+    def _outcome(self, backend: str, dtype: torch.dtype, device: torch.device,
+                 rounded_to: Optional[torch.dtype] = None) -> Outcome:
+        leaves = self._leaves(dtype, device, rounded_to)
         out = self._step(backend, leaves, create_stft_loss(self.config, device))
-        return Outcome({k: v.detach().double().cpu() for k, v in out.items()},
-                       {k: leaves[i].grad.double().cpu() for k, i in GRADIENT_OF.items()})
+        return Outcome({k: v.detach().cpu().double() for k, v in out.items()},
+                       {k: leaves[i].grad.cpu().double() for k, i in GRADIENT_OF.items()})
 
-    def _errors(self, outcome: Outcome) -> Tuple[Dict[str, float], Dict[str, float]]:
-        loss_errors = {k: _relative(v, self.oracle.losses[k]) for k, v in outcome.losses.items()}
-        grad_errors = {k: _relative(g, self.oracle.grads[k]) for k, g in outcome.grads.items()}
+    def _errors(self, outcome: Outcome,
+                dtype: torch.dtype) -> Tuple[Dict[str, float], Dict[str, float]]:
+        oracle = self.oracle(dtype)
+        loss_errors = {k: _relative(v, oracle.losses[k]) for k, v in outcome.losses.items()}
+        grad_errors = {k: _relative(g, oracle.grads[k]) for k, g in outcome.grads.items()}
         return loss_errors, grad_errors
 
     def grad_tolerances(self, dtype: torch.dtype) -> Dict[str, float]:
@@ -133,7 +161,7 @@ class Checker:
             return {k: GRAD_TOLERANCE_FLOAT64 for k in GRADIENT_OF}
         if self._float32_reference is None:
             self._float32_reference = self._outcome("reference", torch.float32, self.device)
-        own = self._errors(self._float32_reference)[1]
+        own = self._errors(self._float32_reference, torch.float32)[1]
         return {k: max(GRAD_FLOOR_FLOAT32, 2 * own[k]) for k in GRADIENT_OF}
 
     def check(self, backend: str, dtype: torch.dtype, reps: int,
@@ -144,17 +172,18 @@ class Checker:
         outcome = self._outcome(backend, dtype, self.device)
         if backend == "reference" and dtype == torch.float32:
             self._float32_reference = outcome
-        loss_errors, grad_errors = self._errors(outcome)
+        loss_errors, grad_errors = self._errors(outcome, dtype)
         tolerances = self.grad_tolerances(dtype)
         logger.info("%s, %s: timing %d step%s after one warm-up", backend, name, reps,
                     "s" if reps > 1 else "")
-        median_ms = self.median_ms(backend, dtype, reps)
+        times = self.step_times_ms(backend, dtype, reps)
         return Row(backend, name, self.problem, loss_errors, grad_errors, LOSS_TOLERANCE[dtype],
-                   tolerances, median_ms, reps, interpreted)
+                   tolerances, statistics.median(times), (min(times), max(times)), reps,
+                   interpreted)
 
-    def median_ms(self, backend: str, dtype: torch.dtype, reps: int) -> float:
-        """Median time of a forward+backward step, in milliseconds: CUDA events on a GPU (after
-        a warm-up step), the wall clock elsewhere."""
+    def step_times_ms(self, backend: str, dtype: torch.dtype, reps: int) -> List[float]:
+        """Times of ``reps`` forward+backward steps after a warm-up step, in milliseconds: CUDA
+        events on a GPU, the wall clock elsewhere."""
         leaves = self._leaves(dtype, self.device)
         stft_fn = create_stft_loss(self.config, self.device)
 
@@ -170,7 +199,7 @@ class Checker:
             if times[-1] > 2000:  # a slow step (Triton's interpreter): say how far it is
                 logger.info("%s: step %d of %d took %.1f s", backend, rep + 1, reps,
                             times[-1] / 1e3)
-        return statistics.median(times)
+        return times
 
 
 def _timed(step: Callable[[], None], device: torch.device) -> float:
