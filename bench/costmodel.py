@@ -453,7 +453,8 @@ def header(before: bool) -> str:
         f"triton {triton.__version__} and torch {torch.__version__}, on a machine without a "
         "GPU: no GPU has run these kernels yet, and the GPU session (issue 18) is to set "
         "measured times beside these. Each launch's prediction is the largest of bytes / "
-        "3.0 TB/s (an assumed H100 bandwidth, not a measurement), the busiest SM's instruction issue and its share of the bandwidth, plus "
+        "3.0 TB/s (an assumed H100 bandwidth, not a measurement), the busiest SM's "
+        "instruction issue and its share of the bandwidth, plus "
         "2.5 us. It counts every byte as crossing device memory: an H100's 50 MB L2 may serve "
         "some re-reads (a resolution's frames, written and then read by its FFT, are 12.5 MB "
         "at the user case), so the measurement may come in under it.",

@@ -64,7 +64,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         params = item.callspec.params if hasattr(item, "callspec") else {}
         backends = [params[name] for name in BACKEND_PARAMETERS if name in params]
-        (drop if any(b != only for b in backends) else keep).append(item)
+        triton_free = item.get_closest_marker("triton_free") is not None
+        (drop if triton_free or any(b != only for b in backends) else keep).append(item)
     config.hook.pytest_deselected(items=drop)
     items[:] = keep
 

@@ -5,6 +5,10 @@ tables are what it renders from them."""
 import importlib.util
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.triton_free
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

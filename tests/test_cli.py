@@ -30,6 +30,7 @@ def _run(*args, interpret=True):
                           text=True, env=env, timeout=600)
 
 
+@pytest.mark.triton_free
 def test_help_explains_every_option_and_column():
     run = _run("--help")
     assert run.returncode == 0 and not run.stderr
@@ -43,6 +44,7 @@ def test_help_explains_every_option_and_column():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present: cuda is served")
+@pytest.mark.triton_free
 def test_an_unavailable_device_is_one_line_and_status_2():
     run = _run("--device", "cuda")
     assert run.returncode == 2
@@ -59,6 +61,7 @@ def test_an_unavailable_device_is_one_line_and_status_2():
     (["--json", "/nonexistent/out.json"], "--json /nonexistent/out.json: No such file"),
     (["--batch", "x"], "argument --batch: must be a positive integer, got 'x'"),
 ])
+@pytest.mark.triton_free
 def test_what_cannot_run_here_is_one_line_and_status_2(args, says):
     run = _run(*args, "--quiet", interpret=False)
     assert run.returncode == 2, run.stderr
@@ -106,6 +109,7 @@ def test_a_run_checks_every_backend_and_dtype_against_the_oracle(tmp_path):
     assert "comparing with the float64 oracle" in run.stderr
 
 
+@pytest.mark.triton_free
 def test_json_to_stdout_is_the_whole_output():
     run = _run(*SMALL, "--backend", "torch", "--dtype", "float64", "--quiet", "--json", "-",
                interpret=False)
@@ -115,6 +119,7 @@ def test_json_to_stdout_is_the_whole_output():
         ("reference", "float64"), ("torch", "float64")]
 
 
+@pytest.mark.triton_free
 def test_a_check_outside_its_tolerance_fails_with_status_1(monkeypatch, capsys):
     # A tolerance no float32 computation meets: the verdict must say FAIL and the status 1.
     monkeypatch.setitem(selfcheck.LOSS_TOLERANCE, torch.float32, 1e-30)
@@ -125,6 +130,7 @@ def test_a_check_outside_its_tolerance_fails_with_status_1(monkeypatch, capsys):
     assert "FAIL: reference float32, torch float32" in table
 
 
+@pytest.mark.triton_free
 def test_a_gradient_outside_its_tolerance_fails_too(monkeypatch, capsys):
     # The losses within theirs, one gradient tolerance no float64 computation meets (the
     # oracle itself, error 0, still meets it).
@@ -136,6 +142,7 @@ def test_a_gradient_outside_its_tolerance_fails_too(monkeypatch, capsys):
     assert "1 of 2 checks PASS; FAIL: torch float64" in table
 
 
+@pytest.mark.triton_free
 def test_the_console_script_is_installed(capsys):
     (script,) = entry_points(group="console_scripts", name="distill-fused")
     assert script.value == "distill_fused.cli:main"
@@ -159,6 +166,7 @@ def test_a_run_on_the_gpu_passes_every_check(tmp_path):
     assert doc["passed"] is True and doc["device_name"]
 
 
+@pytest.mark.triton_free
 def test_the_former_demo_module_runs_the_same_command():
     run = subprocess.run([sys.executable, "-m", "distill_fused.demo", "--version"],
                          capture_output=True, text=True)

@@ -15,6 +15,8 @@ import pytest
 
 import distill_fused
 
+pytestmark = pytest.mark.triton_free  # what is installed, and the package without Triton
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
