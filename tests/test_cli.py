@@ -119,27 +119,22 @@ def test_json_to_stdout_is_the_whole_output():
         ("reference", "float64"), ("torch", "float64")]
 
 
+# A tolerance no computation in that dtype meets (the float64 oracle itself, error 0, still
+# meets it): the verdict must say FAIL, for a loss or for a gradient alone, and the status 1.
+@pytest.mark.parametrize("dtype, tighten, verdict", [
+    ("float32", lambda m: m.setitem(selfcheck.LOSS_TOLERANCE, torch.float32, 1e-30),
+     "0 of 2 checks PASS; FAIL: reference float32, torch float32"),
+    ("float64", lambda m: m.setattr(selfcheck, "GRAD_TOLERANCE_FLOAT64", 1e-30),
+     "1 of 2 checks PASS; FAIL: torch float64"),
+], ids=["a loss", "a gradient"])
 @pytest.mark.triton_free
-def test_a_check_outside_its_tolerance_fails_with_status_1(monkeypatch, capsys):
-    # A tolerance no float32 computation meets: the verdict must say FAIL and the status 1.
-    monkeypatch.setitem(selfcheck.LOSS_TOLERANCE, torch.float32, 1e-30)
-    status = cli.main([*SMALL, "--backend", "torch", "--dtype", "float32", "--device", "cpu",
+def test_an_error_outside_its_tolerance_fails_with_status_1(monkeypatch, capsys, dtype, tighten,
+                                                             verdict):
+    tighten(monkeypatch)
+    status = cli.main([*SMALL, "--backend", "torch", "--dtype", dtype, "--device", "cpu",
                        "--quiet"])
-    table = capsys.readouterr().out
     assert status == 1
-    assert "FAIL: reference float32, torch float32" in table
-
-
-@pytest.mark.triton_free
-def test_a_gradient_outside_its_tolerance_fails_too(monkeypatch, capsys):
-    # The losses within theirs, one gradient tolerance no float64 computation meets (the
-    # oracle itself, error 0, still meets it).
-    monkeypatch.setattr(selfcheck, "GRAD_TOLERANCE_FLOAT64", 1e-30)
-    status = cli.main([*SMALL, "--backend", "torch", "--dtype", "float64", "--device", "cpu",
-                       "--quiet"])
-    table = capsys.readouterr().out
-    assert status == 1
-    assert "1 of 2 checks PASS; FAIL: torch float64" in table
+    assert verdict in capsys.readouterr().out
 
 
 @pytest.mark.triton_free
