@@ -150,12 +150,24 @@ def test_first_call_inside_a_compiled_step_needs_no_import(tmp_path):
 
 def test_auto_with_its_debug_log_on_traces_without_a_break(monkeypatch, caplog, seed):
     # auto says why it chose its backend (a logger call, which Dynamo cannot trace): never
-    # while tracing, and once, in eager code, after.
+    # while tracing, and once, in eager code, after. The first call that asks auto is inside
+    # the compiled step here (create_stft_loss(config) with no device asks no backend).
     from distill_fused import dispatch
+    config = LossConfig()
+    stft_fn = create_stft_loss(config)
+    batch = make_batch("realistic", torch.float32, seed, device="cpu")
     monkeypatch.setattr(dispatch, "_auto_reasons_logged", set())
     caplog.set_level(logging.DEBUG, logger="distill_fused")
-    _compiled_vs_eager("auto", "cpu", "aot_eager", seed)
-    _compiled_vs_eager("auto", "cpu", "aot_eager", seed)
+
+    def step(recon, target, mu, logvar):
+        return compute_combined_loss(recon, target, mu, logvar, config, kl_weight=0.1,
+                                     _stft_loss_fn=stft_fn, backend="auto")["total_loss"]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*batch)
+    assert not [r for r in caplog.records if "loss backend auto" in r.getMessage()]
+    for _ in range(2):
+        assert rel_err(step(*batch), compiled) <= 1e-6
     said = [r.getMessage() for r in caplog.records if "loss backend auto" in r.getMessage()]
     assert said == ["loss backend auto -> torch: cpu tensors: the triton backend runs CUDA "
                     "tensors (auto never picks Triton's interpreter; name backend='triton' "
