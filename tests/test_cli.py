@@ -119,6 +119,21 @@ def test_json_to_stdout_is_the_whole_output():
         ("reference", "float64"), ("torch", "float64")]
 
 
+@pytest.mark.triton_free
+def test_every_computation_starts_from_fresh_leaves():
+    # Leaves that alias the batch would pile gradients up call after call (and an error
+    # measured between two views of one accumulating tensor reads 0).
+    checker = selfcheck.Checker(selfcheck.Problem(2, 16, 80, 8), torch.device("cpu"))
+    first = checker._outcome("torch", torch.float64, checker.device)
+    kept = {k: g.clone() for k, g in first.grads.items()}
+    second = checker._outcome("torch", torch.float64, checker.device)
+    oracle = checker.oracle(torch.float64)
+    for k, g in kept.items():
+        assert torch.equal(first.grads[k], g) and torch.equal(second.grads[k], g)
+        assert selfcheck._relative(g, oracle.grads[k]) < 1e-12
+    assert not any(t.requires_grad or t.grad is not None for t in checker.batch)
+
+
 # A tolerance no computation in that dtype meets (the float64 oracle itself, error 0, still
 # meets it): the verdict must say FAIL, for a loss or for a gradient alone, and the status 1.
 @pytest.mark.parametrize("dtype, tighten, verdict", [

@@ -249,6 +249,11 @@ MUTANTS: List[Mutant] = [
            "max(GRAD_FLOOR_FLOAT32, 2 * own[k])", "max(GRAD_FLOOR_FLOAT32, own[k])",
            "float32 gradients judged against the reference's own error, not twice it",
            ("tests/test_cli.py",)),
+    Mutant("selfcheck-fresh-leaves", "src/distill_fused/selfcheck.py",
+           "t.to(dtype).to(device).clone().requires_grad_(",
+           "t.to(dtype).to(device).requires_grad_(",
+           "leaves that alias the batch: gradients pile up, and an error can compare a tensor "
+           "with itself", ("tests/test_cli.py",)),
     Mutant("auto-says-why", "src/distill_fused/dispatch.py",
            'logger.debug("loss backend auto -> %s: %s", chosen.name, why)', "pass",
            "auto's choice made silently",

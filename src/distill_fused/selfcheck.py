@@ -131,8 +131,11 @@ class Checker:
 
     def _leaves(self, dtype: torch.dtype, device: torch.device,
                 rounded_to: Optional[torch.dtype] = None) -> List[torch.Tensor]:
-        rounded = [t.to(rounded_to or dtype) for t in self.batch]  # on the CPU: MPS lacks f64
-        return [t.to(dtype).to(device).requires_grad_(i in GRADIENT_OF.values())
+        """Fresh leaves (never the batch itself, whose gradients would pile up call after call)
+        holding the batch rounded to ``rounded_to`` (default: ``dtype``) and cast to ``dtype``.
+        Rounded on the CPU: MPS has no float64."""
+        rounded = [t.to(rounded_to or dtype) for t in self.batch]
+        return [t.to(dtype).to(device).clone().requires_grad_(i in GRADIENT_OF.values())
                 for i, t in enumerate(rounded)]
 
     def _step(self, backend: str, leaves: List[torch.Tensor],
