@@ -1,7 +1,8 @@
 """Backend selection: which backend's functions compute a call.
 
-Every backend offers the same two functions, ``combined_loss`` and ``mrstft_loss`` (see
-``backends/``); ``BACKENDS`` below names them, one row per backend:
+Every backend offers the same four functions, ``combined_loss`` and ``mrstft_loss`` and their
+per-example variants (``reduction``, ``lengths``, per-resolution terms and weights: see
+``backends/per_example.py``); a ``Backend`` below names them, one per backend:
 
 - ``reference``: auraloss and plain torch (the oracle; ``backends/reference.py``);
 - ``torch``: pure PyTorch with closed-form gradients, every device (``backends/torch_backend.py``);
@@ -37,10 +38,15 @@ class Backend:
     name: str
     combined_loss: Callable  # (recon, target, mu, logvar, config, kl_weight, stft, *, fft_grouping)
     mrstft_loss: Callable    # (x, y, settings, *, fft_grouping, clamped=False)
+    combined_loss_per_example: Callable  # (recon, target, mu, logvar, config, kl_weight,
+    #                                       stft, options)
+    mrstft_loss_per_example: Callable    # (x, y, settings, options)
 
 
-REFERENCE = Backend("reference", reference.combined_loss, reference.mrstft_loss)
-TORCH = Backend("torch", torch_backend.combined_loss, torch_backend.mrstft_loss)
+REFERENCE = Backend("reference", reference.combined_loss, reference.mrstft_loss,
+                    reference.combined_loss_per_example, reference.mrstft_loss_per_example)
+TORCH = Backend("torch", torch_backend.combined_loss, torch_backend.mrstft_loss,
+                torch_backend.combined_loss_per_example, torch_backend.mrstft_loss_per_example)
 
 _triton: Optional[Backend] = None
 _triton_import_error: Optional[str] = None
@@ -58,7 +64,9 @@ def _load_triton() -> Optional[Backend]:
             _triton_import_error = str(exc)
         else:
             _triton = Backend("triton", triton_backend.combined_loss,
-                              triton_backend.mrstft_loss)
+                              triton_backend.mrstft_loss,
+                              triton_backend.combined_loss_per_example,
+                              triton_backend.mrstft_loss_per_example)
     return _triton
 
 

@@ -8,7 +8,9 @@ import numbers
 
 import torch
 
+from ..core.options import REDUCTIONS
 from ..core.settings import MRSTFTSettings
+from ..core.tracing import tracing
 
 
 def _check_tensor(name: str, t) -> None:
@@ -99,3 +101,53 @@ def check_signals(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings) ->
             f"{max(r.n_fft for r in settings.resolutions)}: the shortest length allowed is "
             f"{settings.min_length} (reflect padding needs T > n_fft // 2)"
         )
+
+
+
+def check_reduction(reduction) -> str:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got "
+                         f"{reduction!r}")
+    return reduction
+
+
+def check_lengths(lengths, *, batch: int, width: int, shortest: int, device: torch.device,
+                  axis: str):
+    """``lengths`` (``None``, or a ``[B]`` integer tensor on ``device`` of values in
+    ``[shortest, width]``) as an int64 tensor. Its values are checked on the host where they
+    are there already (a CPU tensor, outside a traced step); elsewhere by an assertion on the
+    device (``torch._assert_async``: no host sync, the error surfaces as a device-side
+    assertion)."""
+    if lengths is None:
+        return None
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"lengths must be a [B] integer tensor on the inputs' device, got "
+                        f"{type(lengths).__name__} (use torch.as_tensor(lengths, "
+                        f"device=...))")
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must have an integer dtype (int32 or int64), got "
+                        f"{lengths.dtype}")
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths must have shape [B] = ({batch},), got "
+                         f"{tuple(lengths.shape)}")
+    if lengths.device != device:
+        raise ValueError(f"lengths must be on the inputs' device ({device}), got "
+                         f"{lengths.device}")
+    lengths = lengths.to(torch.int64)
+    in_range = (lengths >= shortest) & (lengths <= width)
+    message = (f"lengths (valid {axis} of each example) must lie in [{shortest}, {width}]: "
+               f"at most the padded size, and long enough for the STFT's reflect padding")
+    if device.type == "cpu" and not tracing():
+        if not bool(in_range.all()):
+            bad = lengths[~in_range].tolist()
+            raise ValueError(f"{message}; got {bad}")
+    else:
+        torch._assert_async(in_range.all(), message)
+    return lengths
+
+
+def shortest_length(settings, rows: int) -> int:
+    """The fewest valid columns of ``rows`` rows whose flattened signal the STFT accepts."""
+    if not isinstance(settings, MRSTFTSettings):
+        return 1
+    return max(1, -(-settings.min_length // rows))

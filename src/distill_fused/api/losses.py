@@ -24,11 +24,12 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 
 from ..core.config import LossConfig, LossConfigLike, as_loss_config
+from ..core.options import Options
 from ..core.settings import MRSTFTSettings, settings_from_auraloss
 from ..core.tracing import tracing
 from ..dispatch import select_backend
 from . import environment
-from .checks import check_combined_inputs
+from .checks import check_combined_inputs, check_lengths, check_reduction, shortest_length
 from .nonfinite import nonfinite_mode, record
 from .stft_module import MultiResolutionSTFTLoss
 
@@ -42,7 +43,8 @@ def create_stft_loss(loss_config: LossConfigLike,
     (``loss_config``: a ``LossConfig`` or an object with its fields)."""
     cfg = as_loss_config(loss_config).stft
     module = MultiResolutionSTFTLoss(fft_sizes=cfg.fft_sizes, hop_sizes=cfg.hop_sizes,
-                                     win_lengths=cfg.win_lengths)
+                                     win_lengths=cfg.win_lengths,
+                                     resolution_weights=cfg.resolution_weights)
     if device is not None:
         # Imports the device's backend now, outside any compiled step.
         select_backend(device, *environment.backend_choice(None))
@@ -54,7 +56,7 @@ def _config_settings(loss_config: LossConfig) -> MRSTFTSettings:
     """Settings of the config's default STFT loss, built once per distinct configuration."""
     cfg = loss_config.stft
     key = (tuple(cfg.fft_sizes), tuple(cfg.hop_sizes), tuple(cfg.win_lengths),
-           torch.get_default_dtype())
+           cfg.resolution_weights, torch.get_default_dtype())
     settings = _CONFIG_SETTINGS.get(key)
     if settings is None:
         settings = create_stft_loss(loss_config).settings
@@ -92,6 +94,7 @@ def _same_settings(a: MRSTFTSettings, b: MRSTFTSettings) -> bool:
         return s.w_sc, s.w_log_mag, s.w_lin_mag, s.eps
 
     return (a.resolutions == b.resolutions and weights(a) == weights(b)
+            and a.resolution_weights == b.resolution_weights
             and all(u is v for u, v in zip(a.windows, b.windows)))
 
 
@@ -107,10 +110,25 @@ def compute_combined_loss(
     backend: Optional[str] = None,
     nonfinite: Optional[str] = None,
     fft_grouping: Optional[str] = None,
+    reduction: str = "mean",
+    lengths: Optional[torch.Tensor] = None,
+    per_resolution_terms: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """The combined VAE loss (see the module docstring) as a dict of 0-dim tensors with keys
     ``total_loss, stft_loss, mag_recon_loss, if_recon_loss, kl_loss, recon_loss``, all in one
     dtype (float64 if any input is, else float32).
+
+    ``reduction``: ``mean`` (the default: the batch-level loss above, auraloss's definition),
+    ``none`` (each entry ``[B]``: example b's loss as a batch of one, its own spectral
+    convergence and IF normalisation; so the mean of ``none`` is not ``mean``) or ``sum`` (the
+    sum of ``none``). ``lengths``: a ``[B]`` integer tensor on the inputs' device, the valid
+    columns of each example along W (padding past them contributes nothing, and gets a zero
+    gradient): example b is cropped to ``[..., :lengths[b]]`` (its STFT runs over the cropped,
+    flattened signal); with ``mean``, every sum runs over the valid elements of the batch.
+    ``per_resolution_terms``: add each resolution's ``stft_sc_loss_{r}`` and
+    ``stft_log_mag_loss_{r}`` (and ``stft_lin_mag_loss_{r}`` if ``w_lin_mag``), unweighted,
+    reduced as the rest. These, and ``loss_config.stft.resolution_weights``, take the
+    per-example path (``docs/usage.md``); ``fft_grouping`` does not apply there.
 
     ``kl_weight``: a Python float (NaN or inf is a ``ValueError``; <= 0 leaves the KL out), or
     a one-element tensor, whose value is not checked (that would be a host sync).
@@ -134,12 +152,30 @@ def compute_combined_loss(
     """
     mode = nonfinite_mode(nonfinite)
     grouping = environment.fft_grouping(fft_grouping)
+    reduction = check_reduction(reduction)
+    if not isinstance(per_resolution_terms, bool):
+        raise TypeError(f"per_resolution_terms must be a bool, got "
+                        f"{type(per_resolution_terms).__name__}")
     loss_config = as_loss_config(loss_config)
     stft = _stft_term(loss_config, _stft_loss_fn)
     kl_weight = check_combined_inputs(recon, target, mu, logvar, kl_weight, stft)
+    lengths = check_lengths(lengths, batch=recon.shape[0], width=recon.shape[3],
+                            shortest=shortest_length(stft, recon.shape[2]),
+                            device=recon.device, axis="columns along W")
+    options = Options(reduction, lengths, per_resolution_terms)
+    default = options.is_default(stft)
+    if not default and not isinstance(stft, MRSTFTSettings):
+        raise ValueError("reduction, lengths and per_resolution_terms need the STFT loss "
+                         "computed by distill_fused (the config's, create_stft_loss's or an "
+                         "auraloss MultiResolutionSTFTLoss it computes), not a callable "
+                         f"_stft_loss_fn ({type(_stft_loss_fn).__name__})")
     chosen = select_backend(recon.device, *environment.backend_choice(backend))
-    losses, finite = chosen.combined_loss(recon, target, mu, logvar, loss_config, kl_weight,
-                                          stft, fft_grouping=grouping)
+    if default:
+        losses, finite = chosen.combined_loss(recon, target, mu, logvar, loss_config,
+                                              kl_weight, stft, fft_grouping=grouping)
+    else:
+        losses, finite = chosen.combined_loss_per_example(recon, target, mu, logvar,
+                                                          loss_config, kl_weight, stft, options)
     record(finite, mode)
     return losses
 
@@ -150,13 +186,27 @@ def _free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> t
 
 
 def vae_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
-             kl_weight: float = 1.0, free_bits: float = 0.1,
+             kl_weight: float = 1.0, free_bits: float = 0.1, *, reduction: str = "mean",
              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(mse + kl_weight * kl, mse, kl)`` with the free-bits KL (just ``mse`` if
-    ``kl_weight <= 0``)."""
-    mse = torch.nn.functional.mse_loss(recon, target)
-    kl_loss = _free_bits_kl(mu, logvar, free_bits)
+    ``kl_weight <= 0``). ``reduction``: ``mean`` (mse over every element, kl averaged over the
+    batch), ``none`` (``[B]`` each: example b's mse over its elements and its KL) or ``sum``
+    (the sum of ``none``)."""
+    reduction = check_reduction(reduction)
+    if reduction == "mean":
+        mse = torch.nn.functional.mse_loss(recon, target)
+        kl_loss = _free_bits_kl(mu, logvar, free_bits)
+    else:
+        if recon.dim() < 1 or recon.shape != target.shape or mu.shape[:1] != recon.shape[:1]:
+            raise ValueError(f"reduction={reduction!r} needs recon and target of one shape "
+                             f"[B, ...] and mu [B, D], got {tuple(recon.shape)}, "
+                             f"{tuple(target.shape)} and {tuple(mu.shape)}")
+        mse = (recon - target).square().flatten(1).mean(1)
+        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+        kl_loss = torch.clamp(kl, min=free_bits).sum(dim=1)
     total = mse + kl_weight * kl_loss if kl_weight > 0 else mse
+    if reduction == "sum":
+        return total.sum(), mse.sum(), kl_loss.sum()
     return total, mse, kl_loss
 
 

@@ -6,6 +6,8 @@ finiteness of the total back to the host (one sync per step), as the seed code d
 
 from __future__ import annotations
 
+import copy
+
 import auraloss
 import torch
 
@@ -71,3 +73,165 @@ def combined_loss(recon, target, mu, logvar, config, kl_weight, stft, *,
         total_loss = recon_loss
     return dict(zip(LOSS_KEYS, (total_loss, stft_loss, mag_recon_loss, if_recon_loss, kl_loss,
                                 recon_loss))), finite
+
+
+# --------------------------------------------------------------------------------------------
+# Per-example losses, padded batches, per-resolution terms: the oracle, by its definition
+# (``backends/per_example.py``): auraloss on each example alone, cropped to its length
+# ("none", "sum"), and the batch-level loss over the crops from auraloss's own STFT ("mean")
+# --------------------------------------------------------------------------------------------
+
+def _full_module(settings: MRSTFTSettings) -> auraloss.freq.MultiResolutionSTFTLoss:
+    """auraloss's module for ``settings`` returning each resolution's terms
+    (``output="full"``)."""
+    module = settings.cache.get("auraloss-full")
+    if module is None:
+        module = copy.deepcopy(auraloss_module(settings))
+        for loss in module.stft_losses:
+            loss.output = "full"
+        settings.cache["auraloss-full"] = module
+    return module
+
+
+def _resolution_weights(settings: MRSTFTSettings):
+    return settings.resolution_weights or (1.0,) * len(settings.resolutions)
+
+
+def _stft_with_terms(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings):
+    """``(MRSTFT, per-resolution terms)`` of ``[B, C, T]`` signals: auraloss's resolutions, each
+    weighted by its resolution weight."""
+    mrstft, terms = 0.0, {}
+    for r, (loss, weight) in enumerate(zip(_full_module(settings).stft_losses,
+                                           _resolution_weights(settings))):
+        loss_r, sc, log_mag, lin_mag, _ = loss(x, y)
+        mrstft = mrstft + weight * loss_r
+        for name, term, w in (("sc", sc, settings.w_sc), ("log_mag", log_mag, settings.w_log_mag),
+                              ("lin_mag", lin_mag, settings.w_lin_mag)):
+            if w:
+                terms[f"stft_{name}_loss_{r}"] = term
+    return mrstft / len(settings.resolutions), terms
+
+
+def _batch_stft_over_crops(xs, ys, settings: MRSTFTSettings):
+    """The batch-level ``(MRSTFT, terms)`` over signals of different lengths (``[C, n_b]``
+    each): every resolution's norms, sums and counts over all of them, magnitudes from
+    auraloss's own ``STFTLoss.stft``."""
+    mrstft, terms = 0.0, {}
+    for r, (loss, weight) in enumerate(zip(auraloss_module(settings).stft_losses,
+                                           _resolution_weights(settings))):
+        num2 = den2 = log_sum = lin_sum = 0.0
+        count = 0
+        for x, y in zip(xs, ys):
+            loss.window = loss.window.to(x.device)
+            x_mag, _ = loss.stft(x)
+            y_mag, _ = loss.stft(y)
+            num2 = num2 + torch.norm(y_mag - x_mag, p="fro") ** 2
+            den2 = den2 + torch.norm(y_mag, p="fro") ** 2
+            log_sum = log_sum + (torch.log(y_mag) - torch.log(x_mag)).abs().sum()
+            lin_sum = lin_sum + (y_mag - x_mag).abs().sum()
+            count += x_mag.numel()
+        loss_r = 0.0
+        for name, term, w in (("sc", num2.sqrt() / den2.sqrt(), settings.w_sc),
+                              ("log_mag", log_sum / count, settings.w_log_mag),
+                              ("lin_mag", lin_sum / count, settings.w_lin_mag)):
+            if w:
+                terms[f"stft_{name}_loss_{r}"] = term
+                loss_r = loss_r + w * term
+        mrstft = mrstft + weight * loss_r
+    return mrstft / len(settings.resolutions), terms
+
+
+def _lengths_list(lengths, batch: int, width: int):
+    return [width] * batch if lengths is None else [int(v) for v in lengths.tolist()]
+
+
+def _crop(t: torch.Tensor, b: int, length: int) -> torch.Tensor:
+    return t[b:b + 1, ..., :length]
+
+
+def _stacked(entries):
+    return {key: torch.stack([torch.as_tensor(e[key]) for e in entries]) for key in entries[0]}
+
+
+def _reduced(losses, reduction):
+    return {key: value.sum(0) if reduction == "sum" else value for key, value in losses.items()}
+
+
+def mrstft_loss_per_example(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings,
+                            options) -> torch.Tensor:
+    """The module's loss under ``options`` (``per_example.Options``), by definition."""
+    dtype = compute_dtype(x, y)
+    x, y = x.to(dtype), y.to(dtype)
+    lengths = _lengths_list(options.lengths, x.shape[0], x.shape[-1])
+    if options.reduction == "mean":
+        xs = [x[b, :, :n] for b, n in enumerate(lengths)]
+        ys = [y[b, :, :n] for b, n in enumerate(lengths)]
+        return _batch_stft_over_crops(xs, ys, settings)[0]
+    losses = torch.stack([_stft_with_terms(_crop(x, b, n), _crop(y, b, n), settings)[0]
+                          for b, n in enumerate(lengths)])
+    return losses.sum(0) if options.reduction == "sum" else losses
+
+
+def _combined_of(recon, target, mu, logvar, config, kl_weight, settings, terms_of):
+    """The seed's computation with the STFT term and its per-resolution terms from
+    ``terms_of(x, y)``."""
+    found = {}
+
+    def stft_fn(x, y):
+        mrstft, terms = terms_of(x, y)
+        found.update(terms)
+        return mrstft
+
+    losses, finite = combined_loss(recon, target, mu, logvar, config, kl_weight, stft_fn)
+    return losses, found, finite
+
+
+def combined_loss_per_example(recon, target, mu, logvar, config, kl_weight, stft, options):
+    """The combined loss under ``options`` (``per_example.Options``), by definition: "none"
+    (and "sum") from the seed's computation on each example alone, cropped to its length;
+    "mean" from the seed's on the batch, or, with lengths, the batch-level loss over the
+    crops."""
+    dtype = compute_dtype(recon, target, mu, logvar)
+    recon, target, mu, logvar = (t.to(dtype) for t in (recon, target, mu, logvar))
+    lengths = _lengths_list(options.lengths, recon.shape[0], recon.shape[-1])
+
+    def with_terms(losses, terms):
+        return {**losses, **terms} if options.per_resolution_terms else losses
+
+    if options.reduction != "mean":
+        entries, all_finite = [], True
+        for b, n in enumerate(lengths):
+            losses, terms, finite = _combined_of(
+                _crop(recon, b, n), _crop(target, b, n), mu[b:b + 1], logvar[b:b + 1], config,
+                kl_weight, stft, lambda x, y: _stft_with_terms(x, y, stft))
+            entries.append(with_terms(losses, terms))
+            all_finite = all_finite and bool(finite)
+        return _reduced(_stacked(entries), options.reduction), torch.tensor(all_finite)
+    if options.lengths is None:
+        losses, terms, finite = _combined_of(recon, target, mu, logvar, config, kl_weight, stft,
+                                             lambda x, y: _stft_with_terms(x, y, stft))
+        return with_terms(losses, terms), finite
+
+    # "mean" with lengths: every sum over the valid elements of the whole batch.
+    height = recon.shape[2]
+    crops = [(_crop(recon, b, n)[0], _crop(target, b, n)[0]) for b, n in enumerate(lengths)]
+    mrstft, terms = _batch_stft_over_crops([r[:1].reshape(1, -1) for r, _ in crops],
+                                           [t[:1].reshape(1, -1) for _, t in crops], stft)
+    count = height * sum(lengths)
+    mag = sum((r[0] - t[0]).abs().sum() for r, t in crops) / count
+    mean_tm = sum(t[0].sum() for _, t in crops) / count
+    if_loss = sum(((r[1] - t[1]).abs() * t[0]).sum() for r, t in crops) / count / (
+        mean_tm + 1e-8)
+    rc = config.reconstruction
+    recon_loss = rc.weight * (rc.magnitude_weight * mag + rc.if_weight * if_loss)
+    stft_loss = torch.clamp(mrstft, min=0.0)
+    kl = torch.clamp(-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()), min=config.kl.free_bits)
+    kl_loss = kl.sum(dim=1).mean()
+    total = config.stft.weight * stft_loss + recon_loss
+    if kl_weight > 0:
+        total = total + kl_weight * kl_loss
+    finite = torch.isfinite(total)
+    if not finite:
+        total = recon_loss
+    losses = dict(zip(LOSS_KEYS, (total, stft_loss, mag, if_loss, kl_loss, recon_loss)))
+    return with_terms(losses, terms), finite

@@ -18,6 +18,7 @@ from ..core.gradients import first_order_only, gated_grad
 from ..core.outputs import Combined, compute_dtype
 from ..core.settings import MRSTFTSettings
 from ..core.tracing import tracing
+from . import per_example
 from .assemble import assemble_combined_loss
 
 # --------------------------------------------------------------------------------------------
@@ -286,3 +287,14 @@ def combined_loss(recon, target, mu, logvar, config, kl_weight, stft, *,
     return assemble_combined_loss(recon, target, mu, logvar, config, kl_weight, stft,
                                   recon_terms=recon_terms, free_bits_kl=free_bits_kl,
                                   mrstft_loss=mrstft_loss, fft_grouping=fft_grouping)
+
+
+def combined_loss_per_example(recon, target, mu, logvar, config, kl_weight, stft, options):
+    """``compute_combined_loss`` with ``reduction``, ``lengths`` or per-resolution terms or
+    weights (``per_example.py``), its sums in torch."""
+    return per_example.combined_loss(recon, target, mu, logvar, config, kl_weight, stft,
+                                     options, per_example.TorchSums)
+
+
+def mrstft_loss_per_example(x, y, settings, options):
+    return per_example.mrstft_loss(x, y, settings, options, per_example.TorchSums)

@@ -5,7 +5,9 @@ selection treats an ``ImportError`` here as "not available".
 ``compute_combined_loss`` runs as one fused path (``kernels/combined.py``); a callable
 ``_stft_loss_fn`` or a ``kl_weight`` tensor that requires grad takes the modular path instead
 (the fused reconstruction and KL ops, the callable called as given, the terms assembled in
-torch by ``assemble.py``).
+torch by ``assemble.py``). ``reduction``, ``lengths`` and per-resolution terms or weights take
+the per-example path (``per_example.py``) with the per-example sums of
+``kernels/per_example.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from ..core.settings import MRSTFTSettings
 from ..kernels import combined
 from ..kernels.kl import free_bits_kl
 from ..kernels.mrstft import mrstft_loss
+from ..kernels.per_example import TritonSums
 from ..kernels.recon import recon_terms
+from . import per_example
 from .assemble import assemble_combined_loss
 
 
@@ -33,4 +37,14 @@ def combined_loss(recon, target, mu, logvar, config, kl_weight, stft, *,
                                   mrstft_loss=mrstft_loss, fft_grouping=fft_grouping)
 
 
-__all__ = ["combined_loss", "mrstft_loss"]
+def combined_loss_per_example(recon, target, mu, logvar, config, kl_weight, stft, options):
+    return per_example.combined_loss(recon, target, mu, logvar, config, kl_weight, stft,
+                                     options, TritonSums)
+
+
+def mrstft_loss_per_example(x, y, settings, options):
+    return per_example.mrstft_loss(x, y, settings, options, TritonSums)
+
+
+__all__ = ["combined_loss", "mrstft_loss", "combined_loss_per_example",
+           "mrstft_loss_per_example"]

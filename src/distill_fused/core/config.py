@@ -17,7 +17,7 @@ import math
 import numbers
 import operator
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Mapping, Protocol, Tuple, Type, TypeVar, Union
+from typing import Any, Dict, Mapping, Optional, Protocol, Tuple, Type, TypeVar, Union
 
 
 def as_weight(owner: str, name: str, value) -> float:
@@ -47,6 +47,21 @@ def as_sizes(owner: str, name: str, values) -> Tuple[int, ...]:
             raise ValueError(f"{owner}.{name} must hold positive ints, got {values!r}")
         sizes.append(operator.index(item))
     return tuple(sizes)
+
+
+def as_weights(owner: str, name: str, values, count: int) -> Tuple[float, ...]:
+    """``values`` as a tuple of ``count`` finite, non-negative Python floats."""
+    if isinstance(values, (str, bytes)):
+        raise ValueError(f"{owner}.{name} must be a sequence of {count} weights, got {values!r}")
+    try:
+        items = tuple(values)
+    except TypeError:
+        raise ValueError(
+            f"{owner}.{name} must be a sequence of {count} weights, got {values!r}") from None
+    if len(items) != count:
+        raise ValueError(f"{owner}.{name} must hold one weight per resolution ({count}), got "
+                         f"{len(items)}: {values!r}")
+    return tuple(as_weight(owner, name, item) for item in items)
 
 
 FieldsT = TypeVar("FieldsT", bound="_Fields")
@@ -91,6 +106,8 @@ class STFTLossConfig(_Fields):
     fft_sizes: Tuple[int, ...] = (512, 1024, 2048)
     hop_sizes: Tuple[int, ...] = (128, 256, 512)
     win_lengths: Tuple[int, ...] = (512, 1024, 2048)
+    # One weight per resolution, MRSTFT = (1/R) sum_r w_r L_r; None: all 1 (auraloss's mean).
+    resolution_weights: Optional[Tuple[float, ...]] = None
 
     def __post_init__(self) -> None:
         self.weight = as_weight("STFTLossConfig", "weight", self.weight)
@@ -107,6 +124,9 @@ class STFTLossConfig(_Fields):
                 raise ValueError(
                     f"STFTLossConfig.win_lengths: window {win} is longer than its fft_size {n_fft}"
                 )
+        if self.resolution_weights is not None:
+            self.resolution_weights = as_weights("STFTLossConfig", "resolution_weights",
+                                                 self.resolution_weights, len(self.fft_sizes))
 
 
 @dataclass
@@ -175,7 +195,8 @@ def _values(config) -> tuple:
         stft, rec = config.stft, config.reconstruction
         scalars = (stft.weight, rec.weight, rec.magnitude_weight, rec.if_weight,
                    config.kl.free_bits)
-        sizes = (stft.fft_sizes, stft.hop_sizes, stft.win_lengths)
+        sizes = (stft.fft_sizes, stft.hop_sizes, stft.win_lengths,
+                 getattr(stft, "resolution_weights", None))
     except AttributeError as exc:
         raise TypeError(
             "loss_config must be a LossConfig or an object with its fields (stft.weight, "
@@ -189,11 +210,13 @@ def _values(config) -> tuple:
 
 def _build(config) -> LossConfig:
     """Our ``LossConfig`` with the fields the loss reads taken from ``config`` (``kl.weight_max``
-    and ``kl.warmup_fraction``, which only the application's warm-up reads, keep defaults)."""
+    and ``kl.warmup_fraction``, which only the application's warm-up reads, keep defaults;
+    ``stft.resolution_weights`` is optional: the application's configs have none)."""
     stft, rec = config.stft, config.reconstruction
     return LossConfig(
         stft=STFTLossConfig(weight=stft.weight, fft_sizes=stft.fft_sizes,
-                            hop_sizes=stft.hop_sizes, win_lengths=stft.win_lengths),
+                            hop_sizes=stft.hop_sizes, win_lengths=stft.win_lengths,
+                            resolution_weights=getattr(stft, "resolution_weights", None)),
         reconstruction=ReconLossConfig(weight=rec.weight, magnitude_weight=rec.magnitude_weight,
                                        if_weight=rec.if_weight),
         kl=KLLossConfig(free_bits=config.kl.free_bits),

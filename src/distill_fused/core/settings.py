@@ -10,7 +10,9 @@ each resolution ``(n_fft, hop, win)`` (auraloss 0.4.0's definition)::
     lin_mag = mean | |X| - |Y| |
     L_r = w_sc * sc + w_log_mag * log_mag + w_lin_mag * lin_mag
 
-    MRSTFT(x, y) = mean_r L_r
+    MRSTFT(x, y) = (1/R) sum_r rw_r L_r
+
+with per-resolution weights ``rw_r``, all 1 by default (then it is auraloss's ``mean_r L_r``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .config import as_sizes
+from .config import as_sizes, as_weights
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,17 @@ class MRSTFTSettings:
     w_log_mag: float = 1.0
     w_lin_mag: float = 0.0
     eps: float = 1e-8
+    # Per-resolution weights ``rw_r``; ``None``: all 1 (auraloss's mean over resolutions).
+    resolution_weights: Optional[Tuple[float, ...]] = None
     # Per-device derived tensors (padded windows, ...) so that a step makes no host copies.
     cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def weighted_resolutions(self) -> bool:
+        """Whether a resolution weight differs from 1 (only the per-example path computes
+        those: ``backends/per_example.py``)."""
+        return self.resolution_weights is not None and any(
+            w != 1.0 for w in self.resolution_weights)
 
     @property
     def min_length(self) -> int:
@@ -66,9 +77,11 @@ def make_settings(
     w_log_mag: float = 1.0,
     w_lin_mag: float = 0.0,
     eps: float = 1e-8,
+    resolution_weights: Optional[Sequence[float]] = None,
 ) -> MRSTFTSettings:
     """Validated settings; windows are built like auraloss builds them (torch's default dtype).
-    Sizes may be any sequence of ints (numpy integers included); weights any real numbers."""
+    Sizes may be any sequence of ints (numpy integers included); weights any real numbers;
+    ``resolution_weights`` one finite weight >= 0 per resolution (or ``None``: all 1)."""
     owner = "MultiResolutionSTFTLoss"
     fft_sizes, hop_sizes, win_lengths = (as_sizes(owner, name, values) for name, values in (
         ("fft_sizes", fft_sizes), ("hop_sizes", hop_sizes), ("win_lengths", win_lengths)))
@@ -91,10 +104,14 @@ def make_settings(
             raise ValueError(f"{owner}.{name} must be a real number, got {value!r}")
     if eps <= 0:
         raise ValueError(f"{owner}.eps must be > 0, got {eps!r}")
+    if resolution_weights is not None:
+        resolution_weights = as_weights(owner, "resolution_weights", resolution_weights,
+                                        len(fft_sizes))
     return MRSTFTSettings(
         resolutions=tuple(Resolution(*r) for r in zip(fft_sizes, hop_sizes, win_lengths)),
         windows=tuple(window_fn(w) for w in win_lengths),
         w_sc=float(w_sc), w_log_mag=float(w_log_mag), w_lin_mag=float(w_lin_mag), eps=float(eps),
+        resolution_weights=resolution_weights,
     )
 
 
