@@ -233,7 +233,7 @@ def test_changed_config_round_trips_through_dicts():
                                             "win_lengths": [200]},
                                    "reconstruction": {"if_weight": 0.25}})
     assert config.to_dict()["stft"] == {"weight": 1.0, "fft_sizes": [256], "hop_sizes": [64],
-                                        "win_lengths": [200]}
+                                        "win_lengths": [200], "resolution_weights": None}
     assert LossConfig.from_dict(config.to_dict()) == config
 
 

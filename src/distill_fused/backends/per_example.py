@@ -132,11 +132,14 @@ class TorchSums:
         over each example's first ``lengths[b]`` columns."""
         wide = recon.dtype if recon.device.type == "mps" else torch.float64
         recon, target = recon.to(wide), target.to(wide)
+        if lengths is not None:
+            # The padding is zeroed before any term is formed: whatever it holds (NaN, inf),
+            # it sends exactly 0 back (a mask applied after would send 0 * nan).
+            valid = torch.arange(recon.shape[3], device=recon.device)[None, :] < lengths[:, None]
+            valid = valid[:, None, None, :]
+            recon, target = torch.where(valid, recon, 0.0), torch.where(valid, target, 0.0)
         rm, ri, tm, ti = recon[:, 0], recon[:, 1], target[:, 0], target[:, 1]
         terms = torch.stack([(rm - tm).abs(), (ri - ti).abs() * tm, tm])
-        if lengths is not None:
-            valid = torch.arange(recon.shape[3], device=recon.device)[None, :] < lengths[:, None]
-            terms = torch.where(valid[None, :, None, :], terms, 0.0)
         return terms.sum((2, 3)).T
 
 
