@@ -35,13 +35,22 @@ class Case:
     height: int
     width: int
     latent_dim: int
+    # The per-example path: reduction="none" and a padded batch (lengths drawn in [W/2, W]).
+    per_example: bool = False
 
 
 CASES = {
     "smoke": Case("smoke", 2, 128, 94, 128),
     "user": Case("user", 32, 128, 94, 128),
     "long": Case("long", 16, 128, 938, 128),
+    "user-padded-none": Case("user-padded-none", 32, 128, 94, 128, per_example=True),
 }
+
+
+def lengths_of(case: Case, dev: torch.device, seed: int = 0) -> torch.Tensor:
+    """The valid frames of each example of a per-example case: random in ``[W/2, W]``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(case.width // 2, case.width + 1, (case.batch,), generator=g).to(dev)
 
 
 def device() -> torch.device:
@@ -70,7 +79,11 @@ def device_slug(dev: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def providers(dev: torch.device) -> List[str]:
+def providers(dev: torch.device, case: Optional[Case] = None) -> List[str]:
+    """The providers of ``case`` on ``dev``: the per-example path's reference is a loop over
+    the examples with host reads, which torch.compile does not speed up (not timed)."""
+    if case is not None and case.per_example:
+        return ["reference", "torch"] + (["triton"] if dev.type == "cuda" else [])
     names = ["reference", "reference+torch.compile", "torch"]
     if dev.type == "cuda":
         names[2:2] = ["reference+torch.compile(reduce-overhead)"]
@@ -85,6 +98,8 @@ def make_step(provider: str, case: Case, dev: torch.device, seed: int = 0) -> Ca
     leaves = [t.requires_grad_() for t in (recon, mu, logvar)]
     config = LossConfig()
     stft_fn = create_stft_loss(config, dev)
+    options = (dict(reduction="none", lengths=lengths_of(case, dev, seed))
+               if case.per_example else {})
 
     if provider.startswith("reference+torch.compile"):
         mode = "reduce-overhead" if provider.endswith("(reduce-overhead)") else None
@@ -98,7 +113,7 @@ def make_step(provider: str, case: Case, dev: torch.device, seed: int = 0) -> Ca
         def fn(r, t, m, v):
             return compute_combined_loss(r, t, m, v, config, kl_weight=0.01,
                                          _stft_loss_fn=stft_fn, backend=backend,
-                                         fft_grouping=grouping)["total_loss"]
+                                         fft_grouping=grouping, **options)["total_loss"].sum()
 
     def step() -> None:
         for leaf in leaves:

@@ -161,7 +161,8 @@ class Case:
     # fused: compute_combined_loss with create_stft_loss's module; custom-stft: with a
     # MultiResolutionSTFTLoss of 4 resolutions, short windows and a linear term; callable-stft:
     # the modular path; tensor-kl-weight: kl_weight a tensor (read by the fused kernels);
-    # stft-module: create_stft_loss's module called alone.
+    # stft-module: create_stft_loss's module called alone; per-example: reduction="none" with
+    # lengths and per-resolution terms (the per-example path's kernels).
     path: str = "fused"
     grouping: str = "per_resolution"
     target_grad: bool = False
@@ -194,7 +195,11 @@ def _cases() -> List[Case]:
               Case("user", path="tensor-kl-weight", target_grad=True),
               Case("user", path="custom-stft"), Case("user", path="custom-stft", grouping="shared"),
               Case("odd"), Case("odd", "bf16", target_grad=True),
-              Case("user", wide_index=True), Case("user", path="callable-stft", wide_index=True)]
+              Case("user", wide_index=True), Case("user", path="callable-stft", wide_index=True),
+              Case("user", path="per-example"), Case("long", path="per-example"),
+              Case("user", "f64", path="per-example", target_grad=True),
+              Case("odd", "bf16", path="per-example", target_grad=True),
+              Case("user", path="per-example", wide_index=True)]
     return cases
 
 
@@ -245,9 +250,15 @@ def step(case: Case, loss_fn=None):
             kl_weight = (torch.tensor(case.kl_weight) if case.path == "tensor-kl-weight"
                          else case.kl_weight)
             run = loss_fn or compute_combined_loss
+            options = {}
+            if case.path == "per-example":
+                width = recon.shape[3]
+                options = dict(reduction="none", per_resolution_terms=True,
+                               lengths=torch.arange(recon.shape[0]) % 3 * -(width // 5) + width)
             outputs = run(recon, target, mu, logvar, config, kl_weight=kl_weight,
-                          _stft_loss_fn=stft_fn, backend="triton", fft_grouping=case.grouping)
-            loss = outputs["total_loss"]
+                          _stft_loss_fn=stft_fn, backend="triton", fft_grouping=case.grouping,
+                          **options)
+            loss = outputs["total_loss"].sum()
         loss.backward()
     return outputs, [leaf.grad for leaf in leaves]
 

@@ -44,6 +44,10 @@ KERNEL_BUDGETS = {
     "_recon_backward_kernel": GRID,        # 4 channels read, 2-4 written
     "_combined_backward_kernel": GRID,     # 4 channels + the STFT gradient read, 2-4 written
     "_kl_backward_kernel": GRID,           # 2 gradients read and written
+    "_example_spectral_sums_kernel": GRID,  # 2 complex bins read per element
+    "_example_spectral_grad_kernel": GRID,  # 2 complex bins read, 2 written
+    "_example_recon_sums_kernel": GRID,     # 4 channels read
+    "_example_recon_grad_kernel": GRID,     # 4 channels read, 2-4 written
     "_combined_epilogue_kernel": ONE_PROGRAM,
     "_mrstft_epilogue_kernel": ONE_PROGRAM,
     "_recon_finalize_kernel": ONE_PROGRAM,

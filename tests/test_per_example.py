@@ -14,6 +14,7 @@ from conftest import (
     guarded,
     make_batch,
     rel_err,
+    requires_cuda,
     requires_triton,
     signal_pair,
 )
@@ -394,6 +395,29 @@ def test_per_example_step_makes_no_host_sync(backend, padded, seed):
     syncs = [i for i, op in enumerate(recorder.ops) if op in SYNC_OPS]
     assert all(i < first_fft for i in syncs)
     assert len(syncs) == (1 if padded else 0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cuda_per_example_step_makes_no_host_sync(backend, seed):
+    """On a GPU the lengths' values are checked on the device: the CUDA runtime raises if the
+    step synchronises while syncs are errors."""
+    batch = make_batch("realistic", torch.float32, seed, batch=B, height=H, width=W,
+                       latent_dim=D, device="cuda")
+    lengths = draw_lengths(seed).cuda()
+
+    def step():
+        leaves = [t.clone().requires_grad_() for t in batch]
+        out = compute_combined_loss(*leaves, CONFIG, 0.3, backend=backend, reduction="none",
+                                    lengths=lengths, per_resolution_terms=True)
+        out["total_loss"].sum().backward()
+
+    step()  # windows and constants made once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @requires_triton
