@@ -152,32 +152,41 @@ def compute_combined_loss(
     """
     mode = nonfinite_mode(nonfinite)
     grouping = environment.fft_grouping(fft_grouping)
-    reduction = check_reduction(reduction)
-    if not isinstance(per_resolution_terms, bool):
-        raise TypeError(f"per_resolution_terms must be a bool, got "
-                        f"{type(per_resolution_terms).__name__}")
     loss_config = as_loss_config(loss_config)
     stft = _stft_term(loss_config, _stft_loss_fn)
     kl_weight = check_combined_inputs(recon, target, mu, logvar, kl_weight, stft)
-    lengths = check_lengths(lengths, batch=recon.shape[0], width=recon.shape[3],
-                            shortest=shortest_length(stft, recon.shape[2]),
-                            device=recon.device, axis="columns along W")
-    options = Options(reduction, lengths, per_resolution_terms)
-    default = options.is_default(stft)
-    if not default and not isinstance(stft, MRSTFTSettings):
-        raise ValueError("reduction, lengths and per_resolution_terms need the STFT loss "
-                         "computed by distill_fused (the config's, create_stft_loss's or an "
-                         "auraloss MultiResolutionSTFTLoss it computes), not a callable "
-                         f"_stft_loss_fn ({type(_stft_loss_fn).__name__})")
-    chosen = select_backend(recon.device, *environment.backend_choice(backend))
+    default = (reduction == "mean" and lengths is None and per_resolution_terms is False
+               and not (isinstance(stft, MRSTFTSettings) and stft.weighted_resolutions))
     if default:
+        chosen = select_backend(recon.device, *environment.backend_choice(backend))
         losses, finite = chosen.combined_loss(recon, target, mu, logvar, loss_config,
                                               kl_weight, stft, fft_grouping=grouping)
     else:
+        options = _per_example_options(recon, stft, _stft_loss_fn, reduction, lengths,
+                                       per_resolution_terms)
+        chosen = select_backend(recon.device, *environment.backend_choice(backend))
         losses, finite = chosen.combined_loss_per_example(recon, target, mu, logvar,
                                                           loss_config, kl_weight, stft, options)
     record(finite, mode)
     return losses
+
+
+def _per_example_options(recon, stft, stft_loss_fn, reduction, lengths,
+                         per_resolution_terms) -> Options:
+    """The checked options of a call that is not the default one (before any work)."""
+    reduction = check_reduction(reduction)
+    if not isinstance(per_resolution_terms, bool):
+        raise TypeError(f"per_resolution_terms must be a bool, got "
+                        f"{type(per_resolution_terms).__name__}")
+    lengths = check_lengths(lengths, batch=recon.shape[0], width=recon.shape[3],
+                            shortest=shortest_length(stft, recon.shape[2]),
+                            device=recon.device, axis="columns along W")
+    if not isinstance(stft, MRSTFTSettings):
+        raise ValueError("reduction, lengths and per_resolution_terms need the STFT loss "
+                         "computed by distill_fused (the config's, create_stft_loss's or an "
+                         "auraloss MultiResolutionSTFTLoss it computes), not a callable "
+                         f"_stft_loss_fn ({type(stft_loss_fn).__name__})")
+    return Options(reduction, lengths, per_resolution_terms)
 
 
 def _free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> torch.Tensor:

@@ -108,15 +108,14 @@ class MultiResolutionSTFTLoss(torch.nn.Module):
                 lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         settings = self.settings
         grouping = environment.fft_grouping(self.fft_grouping)
-        reduction = check_reduction(self.reduction)
         check_signals(input, target, settings)
-        lengths = check_lengths(lengths, batch=input.shape[0], width=input.shape[-1],
-                                shortest=settings.min_length, device=input.device,
-                                axis="samples")
-        backend = select_backend(input.device, *environment.backend_choice(self.backend))
-        options = Options(reduction, lengths)
-        if options.is_default(settings):
+        if self.reduction == "mean" and lengths is None and not settings.weighted_resolutions:
+            backend = select_backend(input.device, *environment.backend_choice(self.backend))
             return backend.mrstft_loss(input, target, settings, fft_grouping=grouping)
+        options = Options(check_reduction(self.reduction), check_lengths(
+            lengths, batch=input.shape[0], width=input.shape[-1], shortest=settings.min_length,
+            device=input.device, axis="samples"))
+        backend = select_backend(input.device, *environment.backend_choice(self.backend))
         return backend.mrstft_loss_per_example(input, target, settings, options)
 
     def extra_repr(self) -> str:

@@ -8,8 +8,6 @@ from typing import Optional
 
 import torch
 
-from .settings import MRSTFTSettings
-
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -21,9 +19,3 @@ class Options:
     reduction: str = "mean"
     lengths: Optional[torch.Tensor] = None
     per_resolution_terms: bool = False
-
-    def is_default(self, settings) -> bool:
-        """Whether the call is the default one (the fused paths compute it)."""
-        weighted = isinstance(settings, MRSTFTSettings) and settings.weighted_resolutions
-        return (self.reduction == "mean" and self.lengths is None
-                and not self.per_resolution_terms and not weighted)
