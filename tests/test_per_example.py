@@ -221,6 +221,20 @@ def test_padding_contributes_nothing_and_gets_a_zero_gradient(backend, reduction
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_an_example_reconstructed_exactly_gets_the_oracles_gradient(backend, seed):
+    """Its spectral-convergence numerator is 0: ``torch.norm``'s gradient there is 0 (the
+    oracle's), not ``0 * inf``."""
+    recon, target, mu, logvar = draw_batch("realistic", seed)
+    recon[1, 0] = target[1, 0]
+    batch = (recon, target, mu, logvar)
+    weights = cotangent(seed)
+    ref, ref_grads = oracle_alone(batch, None, weights, torch.float64)
+    out, grads = run(batch, backend, torch.float64, weights, reduction="none")
+    assert out["stft_loss"][1] == 0
+    assert_close(out, grads, ref, ref_grads, 1e-10, [1e-8] * 4, keys=KEYS)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_per_resolution_terms_are_auralosss(backend, seed):
     batch = draw_batch("realistic", seed)
     out, _ = run(batch, backend, torch.float64, per_resolution_terms=True)
