@@ -41,7 +41,7 @@ import triton.language as tl
 
 from ..core.gradients import first_order_only
 from ._common import device_constants, empty, is_wide, kernel_op, signum, tl_dtype, wrap_triton
-from .stft_spectral import _magnitudes
+from .stft_spectral import _magnitudes, spectral_terms
 
 BLOCK = 1024
 # Programs per example of the sums: with the batch, enough to fill an H100's 132 SMs four
@@ -88,13 +88,11 @@ def _example_spectral_sums_kernel(
         e = start + tl.arange(0, BLOCK)
         frame = (e // bins) % n_frames
         mask = (e < per_example) & (frame < valid_frames)
-        _, _, _, py, my = _magnitudes(spec_ptr, y_base + e, mask, eps)
-        _, _, _, _, mx = _magnitudes(spec_ptr, x_base + e, mask, eps)
-        diff = mx - my
-        sum_d2 += tl.where(mask, diff * diff, 0.0)
-        sum_py += tl.where(mask, py, 0.0)
-        sum_log += tl.where(mask, tl.abs(tl.log(mx / my)), 0.0)
-        sum_d += tl.where(mask, tl.abs(diff), 0.0)
+        d2, py, log_ratio, d = spectral_terms(spec_ptr, x_base + e, y_base + e, mask, eps)
+        sum_d2 += d2
+        sum_py += py
+        sum_log += log_ratio
+        sum_d += d
         start += n_programs * BLOCK
     out = partials_ptr + (b * n_programs + program) * 4
     # One slot per program: in range by construction (grid == (P, B)).

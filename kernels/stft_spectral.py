@@ -77,6 +77,17 @@ def _magnitudes(spec_ptr, index, mask, eps):
 
 
 @triton.jit
+def spectral_terms(spec_ptr, x_index, y_index, mask, eps):
+    """``(D^2, My^2, |ln Mx/My|, |D|)`` of the complex elements ``x_index`` (X) and ``y_index``
+    (Y), each 0 where not ``mask`` (the summands of the spectral sums)."""
+    _, _, _, py, my = _magnitudes(spec_ptr, y_index, mask, eps)
+    _, _, _, _, mx = _magnitudes(spec_ptr, x_index, mask, eps)
+    diff = mx - my
+    return (tl.where(mask, diff * diff, 0.0), tl.where(mask, py, 0.0),
+            tl.where(mask, tl.abs(tl.log(mx / my)), 0.0), tl.where(mask, tl.abs(diff), 0.0))
+
+
+@triton.jit
 def _spectral_partials_kernel(
     # the spectra (real pairs) and the plan: meta table, (w_sc, w_log, w_lin, eps)
     spec_ptr,
@@ -119,13 +130,11 @@ def _spectral_partials_kernel(
         mask = e < count
         row = divide(e, bins, bins_m, bins_s, WIDE)
         x_index = spec_off + row * spec_row + (e - row * bins) * stride
-        _, _, _, py, my = _magnitudes(spec_ptr, x_index + spec_side, mask, eps)
-        _, _, _, _, mx = _magnitudes(spec_ptr, x_index, mask, eps)
-        diff = mx - my
-        sum_d2 += tl.where(mask, diff * diff, 0.0)
-        sum_py += tl.where(mask, py, 0.0)
-        sum_log += tl.where(mask, tl.abs(tl.log(mx / my)), 0.0)
-        sum_d += tl.where(mask, tl.abs(diff), 0.0)
+        d2, py, log_ratio, d = spectral_terms(spec_ptr, x_index, x_index + spec_side, mask, eps)
+        sum_d2 += d2
+        sum_py += py
+        sum_log += log_ratio
+        sum_d += d
         start += n_programs * BLOCK
     out = partials_ptr + (r * n_programs + program) * 4
     # One slot per program: in range by construction (grid == (P, R)).

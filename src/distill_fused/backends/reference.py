@@ -61,6 +61,14 @@ def combined_loss(recon, target, mu, logvar, config, kl_weight, stft, *,
     stft_loss = stft_fn(rm.reshape(batch, 1, -1), tm.reshape(batch, 1, -1)).to(dtype)
     stft_loss = torch.clamp(stft_loss, min=0.0)
 
+    total_loss, kl_loss, finite = _kl_and_total(mu, logvar, config, kl_weight, stft_loss,
+                                                recon_loss)
+    return dict(zip(LOSS_KEYS, (total_loss, stft_loss, mag_recon_loss, if_recon_loss, kl_loss,
+                                recon_loss))), finite
+
+
+def _kl_and_total(mu, logvar, config, kl_weight, stft_loss, recon_loss):
+    """The seed's free-bits KL, and its total with the non-finite fallback (a host read)."""
     kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
     kl = torch.clamp(kl, min=config.kl.free_bits)
     kl_loss = kl.sum(dim=1).mean()
@@ -71,8 +79,7 @@ def combined_loss(recon, target, mu, logvar, config, kl_weight, stft, *,
     finite = torch.isfinite(total_loss)
     if not finite:
         total_loss = recon_loss
-    return dict(zip(LOSS_KEYS, (total_loss, stft_loss, mag_recon_loss, if_recon_loss, kl_loss,
-                                recon_loss))), finite
+    return total_loss, kl_loss, finite
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,13 +232,6 @@ def combined_loss_per_example(recon, target, mu, logvar, config, kl_weight, stft
     rc = config.reconstruction
     recon_loss = rc.weight * (rc.magnitude_weight * mag + rc.if_weight * if_loss)
     stft_loss = torch.clamp(mrstft, min=0.0)
-    kl = torch.clamp(-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()), min=config.kl.free_bits)
-    kl_loss = kl.sum(dim=1).mean()
-    total = config.stft.weight * stft_loss + recon_loss
-    if kl_weight > 0:
-        total = total + kl_weight * kl_loss
-    finite = torch.isfinite(total)
-    if not finite:
-        total = recon_loss
+    total, kl_loss, finite = _kl_and_total(mu, logvar, config, kl_weight, stft_loss, recon_loss)
     losses = dict(zip(LOSS_KEYS, (total, stft_loss, mag, if_loss, kl_loss, recon_loss)))
     return with_terms(losses, terms), finite
