@@ -111,9 +111,10 @@ def make_step(provider: str, case: Case, dev: torch.device, seed: int = 0) -> Ca
         grouping = "shared" if variant == "shared-fft)" else "per_resolution"
 
         def fn(r, t, m, v):
-            return compute_combined_loss(r, t, m, v, config, kl_weight=0.01,
-                                         _stft_loss_fn=stft_fn, backend=backend,
-                                         fft_grouping=grouping, **options)["total_loss"].sum()
+            total = compute_combined_loss(r, t, m, v, config, kl_weight=0.01,
+                                          _stft_loss_fn=stft_fn, backend=backend,
+                                          fft_grouping=grouping, **options)["total_loss"]
+            return total.sum() if case.per_example else total
 
     def step() -> None:
         for leaf in leaves:

@@ -25,10 +25,10 @@ Reconstruction sums, per example b over its valid elements (``w < L_b``)::
 for incoming gradients ``h_b = (h0, h1, h2)`` (fp64: the IF gradient ``h1 |ri - ti| + h2`` is
 a difference of near-equal values where the IF term's two sums are close), 0 on padding.
 
-The sums run in two stages: grid ``(P, B)``, program ``(p, b)`` summing tiles ``p, p + P, ...``
-of example b's elements into ``partials[b, p]``, then a fixed-order ``sum`` over ``p`` in
-torch: deterministic, no atomics. The gradients: grid ``(tiles, B)``, each element written
-once.
+The sums run in two stages: ``B P`` programs, program ``b P + p`` summing tiles ``p, p + P,
+...`` of example b's elements into ``partials[b, p]``, then a fixed-order ``sum`` over ``p``
+in torch: deterministic, no atomics. The gradients: ``B T`` programs, one per tile of an
+example, each element written once. (One grid axis: CUDA bounds the others at 65535.)
 """
 
 from __future__ import annotations
@@ -67,10 +67,11 @@ def _example_spectral_sums_kernel(
     BLOCK: tl.constexpr,
     WIDE: tl.constexpr,
 ):
-    """Program ``(p, b)``: ``partials[b, p] = s_b`` over tiles ``p, p + P, ...`` of example b's
-    ``C F bins`` elements, those of frames ``f < F_b`` only."""
-    program = tl.program_id(0)
-    b = tl.program_id(1)
+    """``partials[b, p] = s_b = (sum D^2, sum My^2, sum |ln Mx/My|, sum |D|)`` over tiles
+    ``p, p + P, ...`` of example b's ``C F bins`` elements, those of frames ``f < F_b`` only
+    (``Mx = sqrt(max(|X|^2, eps))``, ``D = Mx - My``). Program ``b P + p``."""
+    b = tl.program_id(0) // n_programs  # once per program
+    program = tl.program_id(0) - b * n_programs
     if WIDE:
         b = b.to(tl.int64)
     valid_frames = tl.load(frames_ptr + b)
@@ -113,6 +114,7 @@ def _example_spectral_grad_kernel(
     bins,
     n_frames,
     n_examples,
+    n_tiles,
     # the output: the spectra's gradient, real pairs in the spectra's layout
     grad_ptr,
     # compile-time
@@ -120,10 +122,12 @@ def _example_spectral_grad_kernel(
     BLOCK: tl.constexpr,
     WIDE: tl.constexpr,
 ):
-    """Program ``(t, b)``: ``dL/dX`` and ``dL/dY`` over tile t of example b's elements (0 on
-    frames past ``F_b``)."""
-    b = tl.program_id(1)
-    start = tl.program_id(0) * BLOCK
+    """``dL/dX = dL/dMx X / Mx`` (and likewise Y) over tile t of example b's elements, for the
+    sums' gradients ``g_b``: ``dL/dMx = 2 g0 D + g2 sign(ln Mx/My) / Mx + g3 sign(D)``,
+    ``dL/dMy = -2 g0 D + 2 g1 My - g2 sign(ln Mx/My) / My - g3 sign(D)``; 0 where
+    ``|X|^2 < eps`` and on frames past ``F_b``. Program ``b T + t``."""
+    b = tl.program_id(0) // n_tiles  # once per program
+    start = (tl.program_id(0) - b * n_tiles) * BLOCK
     if WIDE:
         b = b.to(tl.int64)
         start = start.to(tl.int64)
@@ -177,11 +181,12 @@ def _example_recon_sums_kernel(
     BLOCK: tl.constexpr,
     WIDE: tl.constexpr,
 ):
-    """Program ``(p, b)``: ``partials[b, p] = q_b`` over tiles ``p, p + P, ...`` of example b's
-    ``H W`` elements, columns ``w < L_b`` only; each term computed exactly in fp64 and summed
-    there (the IF sums run over a signed ``tm`` and may cancel)."""
-    program = tl.program_id(0)
-    b = tl.program_id(1)
+    """``partials[b, p] = q_b = (sum |rm - tm|, sum |ri - ti| tm, sum tm)`` over tiles
+    ``p, p + P, ...`` of example b's ``H W`` elements, columns ``w < L_b`` only; each term
+    computed exactly in fp64 and summed there (the IF sums run over a signed ``tm`` and may
+    cancel). Program ``b P + p``."""
+    b = tl.program_id(0) // n_programs  # once per program
+    program = tl.program_id(0) - b * n_programs
     if WIDE:
         b = b.to(tl.int64)
     if HAS_LENGTHS:
@@ -233,6 +238,7 @@ def _example_recon_grad_kernel(
     t_sc,
     t_sh,
     t_sw,
+    n_tiles,
     # the outputs: contiguous [B, 2, H, W] gradients
     grad_recon_ptr,
     grad_target_ptr,
@@ -243,10 +249,12 @@ def _example_recon_grad_kernel(
     BLOCK: tl.constexpr,
     WIDE: tl.constexpr,
 ):
-    """Program ``(t, b)``: the gradients of tile t of example b's elements, computed in fp64
-    and rounded once; exactly 0 on padding (``w >= L_b``)."""
-    b = tl.program_id(1)
-    start = tl.program_id(0) * BLOCK
+    """``d/drm = h0 sign(rm - tm)``, ``d/dri = h1 sign(ri - ti) tm``, ``d/dtm = -h0 sign(rm -
+    tm) + h1 |ri - ti| + h2``, ``d/dti = -d/dri`` over tile t of example b's elements, for the
+    sums' gradients ``h_b``, computed in fp64 and rounded once; exactly 0 on padding
+    (``w >= L_b``). Program ``b T + t``."""
+    b = tl.program_id(0) // n_tiles  # once per program
+    start = (tl.program_id(0) - b * n_tiles) * BLOCK
     if WIDE:
         b = b.to(tl.int64)
         start = start.to(tl.int64)
@@ -302,7 +310,7 @@ def example_spectral_sums_op(spec_real: torch.Tensor, frames: torch.Tensor,
     examples, per_example, bins, n_frames = _spectral_geometry(spec_real)
     n_programs = _programs(per_example, examples)
     partials = empty((examples, n_programs, 4), spec_real.dtype, spec_real.device)
-    wrap_triton(_example_spectral_sums_kernel)[(n_programs, examples)](
+    wrap_triton(_example_spectral_sums_kernel)[(examples * n_programs,)](
         spec_real, frames, params, per_example, bins, n_frames, examples, partials, n_programs,
         ACC=tl_dtype(spec_real.dtype), BLOCK=BLOCK, WIDE=is_wide(2 * BLOCK, spec_real),
         num_warps=8)
@@ -316,8 +324,10 @@ def example_spectral_grad_op(spec_real: torch.Tensor, frames: torch.Tensor,
     examples, per_example, bins, n_frames = _spectral_geometry(spec_real)
     grad = empty(spec_real.shape, spec_real.dtype, spec_real.device)
     # 16 warps in float64 (2 elements a thread): at 8 it takes 150 registers, one program a SM.
-    wrap_triton(_example_spectral_grad_kernel)[(triton.cdiv(per_example, BLOCK), examples)](
-        spec_real, frames, params, grad_sums, per_example, bins, n_frames, examples, grad,
+    n_tiles = triton.cdiv(per_example, BLOCK)
+    wrap_triton(_example_spectral_grad_kernel)[(examples * n_tiles,)](
+        spec_real, frames, params, grad_sums, per_example, bins, n_frames, examples, n_tiles,
+        grad,
         ACC=tl_dtype(spec_real.dtype), BLOCK=BLOCK, WIDE=is_wide(2 * BLOCK, spec_real),
         num_warps=16 if spec_real.dtype == torch.float64 else 8)
     return grad
@@ -334,7 +344,7 @@ def example_recon_sums_op(recon: torch.Tensor, target: torch.Tensor,
     batch, _, height, width = recon.shape
     n_programs = _programs(height * width, batch)
     partials = empty((batch, n_programs, 3), torch.float64, recon.device)
-    wrap_triton(_example_recon_sums_kernel)[(n_programs, batch)](
+    wrap_triton(_example_recon_sums_kernel)[(batch * n_programs,)](
         recon, target, _lengths_arg(lengths, recon), height * width, width, *recon.stride(),
         *target.stride(), partials, n_programs, HAS_LENGTHS=lengths is not None,
         ACC=tl_dtype(recon.dtype), BLOCK=BLOCK, WIDE=is_wide(BLOCK, recon, target),
@@ -350,9 +360,10 @@ def example_recon_grad_op(recon: torch.Tensor, target: torch.Tensor,
     batch, _, height, width = recon.shape
     grad_recon = empty(recon.shape, recon.dtype, recon.device)
     grad_tgt = empty(target.shape if grad_target else (0,), target.dtype, target.device)
-    wrap_triton(_example_recon_grad_kernel)[(triton.cdiv(height * width, BLOCK), batch)](
+    n_tiles = triton.cdiv(height * width, BLOCK)
+    wrap_triton(_example_recon_grad_kernel)[(batch * n_tiles,)](
         recon, target, _lengths_arg(lengths, recon), grad_sums, height * width, width,
-        *recon.stride(), *target.stride(), grad_recon, grad_tgt,
+        *recon.stride(), *target.stride(), n_tiles, grad_recon, grad_tgt,
         HAS_LENGTHS=lengths is not None, GRAD_TARGET=grad_target, ACC=tl_dtype(recon.dtype),
         BLOCK=BLOCK, WIDE=is_wide(BLOCK, recon, target, grad_recon), num_warps=8)
     return grad_recon, grad_tgt
@@ -361,23 +372,6 @@ def example_recon_grad_op(recon: torch.Tensor, target: torch.Tensor,
 # --------------------------------------------------------------------------------------------
 # Autograd
 # --------------------------------------------------------------------------------------------
-
-class _SpectralSums(torch.autograd.Function):
-    @staticmethod
-    def forward(spec_real, frames, params):
-        return example_spectral_sums_op(spec_real, frames, params).sum(1)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx, grad_sums):
-        spec_real, frames, params = ctx.saved_tensors
-        with torch.no_grad():  # the op has no autograd formula: see first_order_only
-            grad = example_spectral_grad_op(spec_real, frames, params, grad_sums.contiguous())
-        return (*first_order_only("triton", (grad,), (spec_real,)), None, None)
-
 
 class _ReconSums(torch.autograd.Function):
     @staticmethod
@@ -404,10 +398,19 @@ class _ReconSums(torch.autograd.Function):
 class TritonSums:
     """The ``triton`` backend's sums (``per_example.TorchSums``'s interface)."""
 
+    name = "triton"
+
     @staticmethod
     def spectral(spec: torch.Tensor, frames: torch.Tensor, eps: float) -> torch.Tensor:
         params = device_constants((eps,), spec.device)
-        return _SpectralSums.apply(torch.view_as_real(spec), frames.contiguous(), params)
+        return example_spectral_sums_op(torch.view_as_real(spec), frames, params).sum(1)
+
+    @staticmethod
+    def spectral_grad(spec: torch.Tensor, frames: torch.Tensor, eps: float,
+                      grad_sums: torch.Tensor) -> torch.Tensor:
+        params = device_constants((eps,), spec.device)
+        grad = example_spectral_grad_op(torch.view_as_real(spec), frames, params, grad_sums)
+        return torch.view_as_complex(grad)
 
     @staticmethod
     def recon(recon: torch.Tensor, target: torch.Tensor,

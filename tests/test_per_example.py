@@ -235,6 +235,32 @@ def test_an_example_reconstructed_exactly_gets_the_oracles_gradient(backend, see
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("what", ["infinite-kl", "infinite-input"])
+def test_the_non_finite_fallback_gives_the_oracles_gradients(backend, reduction, what, seed):
+    """Where an entry's total is not finite it falls back to recon_loss, with recon_loss's
+    gradients alone: the STFT and KL terms cut off send exactly 0, not 0 * inf."""
+    recon, target, mu, logvar = draw_batch("realistic", seed)
+    if what == "infinite-kl":
+        logvar[1, 2] = 800.0  # exp(800) overflows float64
+    else:
+        recon[1, 0, 2, 1] = float("inf")  # the STFT term of example 1 is NaN
+    batch = (recon, target, mu, logvar)
+    lengths = draw_lengths(seed)
+    weights = cotangent(seed) if reduction == "none" else None
+    if reduction == "none":
+        ref, ref_grads = oracle_alone(batch, lengths, weights, torch.float64)
+    else:
+        ref, ref_grads = run(batch, "reference", torch.float64, lengths=lengths)
+    out, grads = run(batch, backend, torch.float64, weights, reduction=reduction,
+                     lengths=lengths)
+    assert not torch.isfinite(out["stft_loss" if what == "infinite-input" else "kl_loss"]).all()
+    assert_close(out, grads, ref, ref_grads, 1e-10, [1e-8] * 4, keys=KEYS)
+    for g in grads:
+        assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_per_resolution_terms_are_auralosss(backend, seed):
     batch = draw_batch("realistic", seed)
     out, _ = run(batch, backend, torch.float64, per_resolution_terms=True)
@@ -245,6 +271,31 @@ def test_per_resolution_terms_are_auralosss(backend, seed):
     default, _ = run(batch, backend, torch.float64)
     for key in KEYS:
         assert rel_err(out[key], default[key]) <= 1e-12, key
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_resolution_weights_per_example_and_padded(backend, dtype, seed):
+    config = LossConfig(stft=STFTLossConfig(**STFT, resolution_weights=(3.0, 0.5)))
+    batch = [t.to(dtype).double() for t in draw_batch("noise", seed)]
+    lengths = draw_lengths(seed)
+    weights = cotangent(seed)
+
+    def losses(backend, dtype):
+        leaves = [guarded(t.to(dtype)).requires_grad_() for t in batch]
+        out = compute_combined_loss(*leaves, config, 0.3, backend=backend, reduction="none",
+                                    lengths=lengths)
+        (out["total_loss"] * weights.to(dtype)).sum().backward()
+        return out, [leaf.grad for leaf in leaves]
+
+    ref, ref_grads = losses("reference", torch.float64)
+    out, grads = losses(backend, dtype)
+    loss_tol, grad_tols = 1e-10, [1e-8] * 4
+    if dtype != torch.float64:
+        _, grads32 = losses("reference", dtype)
+        loss_tol = 1e-5
+        grad_tols = [max(1e-3, 2 * rel_err(g32, g)) for g32, g in zip(grads32, ref_grads)]
+    assert_close(out, grads, ref, ref_grads, loss_tol, grad_tols, keys=KEYS)
 
 
 @pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
@@ -271,38 +322,64 @@ def test_resolution_weights_weigh_auralosss_resolutions(backend, seed):
 # The STFT module and vae_loss
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
-@pytest.mark.parametrize("padded", [False, True], ids=["full", "lengths"])
-def test_stft_module_none_is_auraloss_on_each_example_alone(backend, padded, seed):
-    batch, channels, length = 3, 2, 45
-    x, y = signal_pair(seed, batch, channels, length)
-    lengths = draw_lengths(seed, batch, length, 16) if padded else None
-    weights = cotangent(seed, batch)
-    module = MultiResolutionSTFTLoss(**STFT, reduction="none", backend=backend)
-    xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
-    loss = module(xs, ys, lengths)
-    assert loss.shape == (batch,)
-    (loss * weights).sum().backward()
+def _module_oracle_alone(x, y, lengths, weights):
+    """auraloss on each example alone, cropped: losses ``[B]`` and the gradients of
+    ``sum_b weights_b loss_b`` (zero on the padding)."""
     oracle = auraloss.freq.MultiResolutionSTFTLoss(**STFT)
-    for b, n in enumerate(lengths.tolist() if padded else [length] * batch):
+    losses, gx, gy = [], torch.zeros_like(x), torch.zeros_like(y)
+    for b, n in enumerate(lengths):
         xb, yb = (t[b:b + 1, :, :n].clone().requires_grad_() for t in (x, y))
         expected = oracle(xb, yb)
-        (weights[b] * expected).backward()
-        assert rel_err(loss[b], expected) <= 1e-10
-        assert rel_err(xs.grad[b, :, :n], xb.grad[0]) <= 1e-8
-        assert rel_err(ys.grad[b, :, :n], yb.grad[0]) <= 1e-8
-        assert torch.equal(xs.grad[b, :, n:], torch.zeros_like(xs.grad[b, :, n:]))
-    module.reduction = "sum"
-    assert rel_err(module(x, y, lengths), loss.detach().sum()) <= 1e-12
+        (weights[b].to(x.dtype) * expected).backward()
+        losses.append(expected.detach())
+        gx[b, :, :n], gy[b, :, :n] = xb.grad[0], yb.grad[0]
+    return torch.stack(losses), gx, gy
+
+
+def _module_run(x, y, lengths, weights, backend, reduction="none"):
+    module = MultiResolutionSTFTLoss(**STFT, reduction=reduction, backend=backend)
+    xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
+    loss = module(xs, ys, lengths)
+    (loss * weights.to(loss.dtype)).sum().backward() if loss.dim() else loss.backward()
+    return loss.detach(), xs.grad, ys.grad
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "lengths"])
+def test_stft_module_none_is_auraloss_on_each_example_alone(backend, dtype, padded, seed):
+    batch, channels, length = 3, 2, 45
+    x, y = (t.to(dtype).double() for t in signal_pair(seed, batch, channels, length))
+    lengths = draw_lengths(seed, batch, length, 16) if padded else None
+    weights = cotangent(seed, batch)
+    crops = lengths.tolist() if padded else [length] * batch
+    ref = _module_oracle_alone(x, y, crops, weights)
+    got = _module_run(x.to(dtype), y.to(dtype), lengths, weights, backend)
+    assert got[0].shape == (batch,) and got[0].dtype == dtype
+    loss_tol, grad_tols = 1e-10, [1e-8] * 2
+    if dtype != torch.float64:
+        own = _module_oracle_alone(x.to(dtype), y.to(dtype), crops, weights)
+        loss_tol = 1e-5
+        grad_tols = [max(1e-3, 2 * rel_err(g32, g)) for g32, g in zip(own[1:], ref[1:])]
+    assert rel_err(got[0], ref[0]) <= loss_tol
+    for g, g_ref, tol in zip(got[1:], ref[1:], grad_tols):
+        assert rel_err(g, g_ref) <= tol
+    for b, n in enumerate(crops):
+        assert torch.equal(got[1][b, :, n:], torch.zeros_like(got[1][b, :, n:]))
+    summed = _module_run(x.to(dtype), y.to(dtype), lengths, weights, backend, "sum")
+    assert rel_err(summed[0], got[0].sum()) <= (1e-12 if dtype == torch.float64 else 1e-6)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_stft_module_mean_with_lengths_matches_the_oracle(backend, seed):
     x, y = signal_pair(seed, 3, 2, 45)
     lengths = draw_lengths(seed, 3, 45, 16)
-    got = MultiResolutionSTFTLoss(**STFT, backend=backend)(x, y, lengths)
-    ref = MultiResolutionSTFTLoss(**STFT, backend="reference")(x, y, lengths)
-    assert rel_err(got, ref) <= 1e-10
+    ones = torch.ones(3)
+    got = _module_run(x, y, lengths, ones, backend, "mean")
+    ref = _module_run(x, y, lengths, ones, "reference", "mean")
+    assert rel_err(got[0], ref[0]) <= 1e-10
+    for g, g_ref in zip(got[1:], ref[1:]):
+        assert rel_err(g, g_ref) <= 1e-8
     full = MultiResolutionSTFTLoss(**STFT, backend=backend)(x, y, torch.full((3,), 45))
     assert rel_err(full, auraloss.freq.MultiResolutionSTFTLoss(**STFT)(x, y)) <= 1e-10
 
@@ -312,11 +389,18 @@ def test_vae_loss_reductions(seed):
     g = torch.Generator().manual_seed(seed)
     recon, target = torch.randn(2, 4, 3, 5, generator=g, dtype=torch.float64)
     mu, logvar = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
-    total, mse, kl = vae_loss(recon, target, mu, logvar, 0.5, reduction="none")
+    leaves = [t.clone().requires_grad_() for t in (recon, mu, logvar)]
+    total, mse, kl = vae_loss(leaves[0], target, leaves[1], leaves[2], 0.5, reduction="none")
+    weights = torch.rand(4, generator=g, dtype=torch.float64)
+    (total * weights).sum().backward()
     for b in range(4):
-        alone = vae_loss(recon[b:b + 1], target[b:b + 1], mu[b:b + 1], logvar[b:b + 1], 0.5)
-        for got, expected in zip((total[b], mse[b], kl[b]), alone):
-            assert rel_err(got, expected) <= 1e-12
+        alone = [t[b:b + 1].clone().requires_grad_() for t in (recon, mu, logvar)]
+        expected = vae_loss(alone[0], target[b:b + 1], alone[1], alone[2], 0.5)
+        for got, value in zip((total[b], mse[b], kl[b]), expected):
+            assert rel_err(got, value) <= 1e-12
+        (weights[b] * expected[0]).backward()
+        for leaf, single in zip(leaves, alone):
+            assert rel_err(leaf.grad[b], single.grad[0]) <= 1e-12
     summed = vae_loss(recon, target, mu, logvar, 0.5, reduction="sum")
     for got, expected in zip(summed, (total.sum(), mse.sum(), kl.sum())):
         assert rel_err(got, expected) <= 1e-12
@@ -400,7 +484,7 @@ def test_per_example_step_makes_no_host_sync(backend, padded, seed):
                                     lengths=lengths, per_resolution_terms=True)
         out["total_loss"].sum().backward()
     names = [op._schema.name for op in recorder.ops]
-    path = {"aten::_fft_r2c", "aten::_fft_c2c"}  # the FFT, and its adjoint
+    path = {"aten::_fft_r2c", "aten::_fft_c2r"}  # the FFT, and its adjoint (an irfft)
     if backend == "triton":
         path |= {"distill_fused::example_spectral_sums", "distill_fused::example_recon_sums",
                  "distill_fused::example_spectral_grad", "distill_fused::example_recon_grad"}

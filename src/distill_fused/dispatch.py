@@ -23,11 +23,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, List, Optional, Set
 
 import torch
 
-from .backends import reference, torch_backend
+from .backends import per_example, reference, torch_backend
 from .core.tracing import tracing
 
 NAMES = ("auto", "reference", "torch", "triton")
@@ -46,7 +47,8 @@ class Backend:
 REFERENCE = Backend("reference", reference.combined_loss, reference.mrstft_loss,
                     reference.combined_loss_per_example, reference.mrstft_loss_per_example)
 TORCH = Backend("torch", torch_backend.combined_loss, torch_backend.mrstft_loss,
-                torch_backend.combined_loss_per_example, torch_backend.mrstft_loss_per_example)
+                partial(per_example.combined_loss, sums=per_example.TorchSums),
+                partial(per_example.mrstft_loss, sums=per_example.TorchSums))
 
 _triton: Optional[Backend] = None
 _triton_import_error: Optional[str] = None

@@ -125,7 +125,7 @@ def check_lengths(lengths, *, batch: int, width: int, shortest: int, device: tor
                         f"{type(lengths).__name__} (use torch.as_tensor(lengths, "
                         f"device=...))")
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-        raise TypeError(f"lengths must have an integer dtype (int32 or int64), got "
+        raise TypeError(f"lengths must have an integer dtype (int64, int32, ...), got "
                         f"{lengths.dtype}")
     if lengths.shape != (batch,):
         raise ValueError(f"lengths must have shape [B] = ({batch},), got "

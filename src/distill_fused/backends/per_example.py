@@ -42,16 +42,18 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..core.gradients import first_order_only
 from ..core.options import Options
 from ..core.outputs import LOSS_KEYS, compute_dtype
 from ..core.settings import MRSTFTSettings
 from ..core.tracing import tracing
+from .torch_backend import half_spectrum_weights, overlap_add
 
 IF_EPS = 1e-8
 
 
 # --------------------------------------------------------------------------------------------
-# The spectra of the (cropped) signals: torch framing, one rfft per resolution
+# The spectra of the (cropped) signals, and the adjoint: torch framing, one rfft per resolution
 # --------------------------------------------------------------------------------------------
 
 def _source_index(lengths: torch.Tensor, height: int, width: int, pad: int,
@@ -71,59 +73,105 @@ def _source_index(lengths: torch.Tensor, height: int, width: int, pad: int,
     return row * width + (j - row * lengths[:, None])
 
 
-def spectra(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings, index: int,
-            lengths: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(spec, frames)`` of resolution ``index``: ``spec`` ``[2B, C, F, n//2+1]`` (x's examples,
-    then y's) of ``[B, C, H, W]`` signals in one dtype, and ``frames`` ``[B]``, each example's
-    count of valid frames ``F_b`` (``F`` is the full signal's count)."""
-    batch, channels, height, width = x.shape
+def spectra(both: torch.Tensor, settings: MRSTFTSettings, index: int,
+            lengths: Optional[torch.Tensor], height: int, width: int):
+    """``(spec, frames, source)`` of resolution ``index`` for ``both`` ``[2B, C, H*W]`` (x's
+    examples, then y's): ``spec`` ``[2B, C, F, n//2+1]``, ``frames`` ``[B]`` each example's
+    count of valid frames ``F_b`` (``F``: the full signal's), and ``source`` the gather's
+    index (``None`` without ``lengths``: the padding is a plain reflection)."""
+    batch, channels, length = both.shape[0] // 2, both.shape[1], both.shape[2]
     res = settings.resolutions[index]
     pad = res.n_fft // 2
-    length = height * width
-    both = torch.cat([x, y]).reshape(2 * batch, channels, length)
     if lengths is None:
+        source = None
         padded = F.pad(both, (pad, pad), mode="reflect")
-        n = torch.full((batch,), length, device=x.device, dtype=torch.int64)
+        n = torch.full((batch,), length, device=both.device, dtype=torch.int64)
     else:
         source = _source_index(lengths, height, width, pad, length + 2 * pad).repeat(2, 1)
         padded = torch.gather(both, 2, source[:, None, :].expand(-1, channels, -1))
         n = lengths * height
-    window = _window(settings, index, x.device, x.dtype)
-    frames = padded.unfold(-1, res.n_fft, res.hop) * window
-    spec = torch.fft.rfft(frames, dim=-1)
-    return spec, 1 + (n + 2 * pad - res.n_fft) // res.hop
+    frames = padded.unfold(-1, res.n_fft, res.hop) * _cached(
+        settings, ("window", index), settings.padded_window, index, both.device, both.dtype)
+    return torch.fft.rfft(frames, dim=-1), 1 + (n + 2 * pad - res.n_fft) // res.hop, source
 
 
-def _window(settings: MRSTFTSettings, index: int, device, dtype) -> torch.Tensor:
-    key = ("window", index, torch.device(device), dtype)
-    window = settings.cache.get(key)
-    if window is None:
-        window = settings.padded_window(index, device, dtype)
+def signal_gradient(grad_spec: torch.Tensor, settings: MRSTFTSettings, index: int,
+                    source: Optional[torch.Tensor], length: int) -> torch.Tensor:
+    """The adjoint of ``spectra``: ``[2B, C, H*W]`` from the spectra's gradient ``G``
+    (``dL/dRe + i dL/dIm``): ``irfft(h G)`` (``h``: ``half_spectrum_weights``), the window,
+    overlap-add, then the reflection folded back (or, with ``lengths``, the gather's
+    ``scatter_add``: padding receives nothing)."""
+    rows, channels, n_frames, _ = grad_spec.shape
+    res = settings.resolutions[index]
+    pad = res.n_fft // 2
+    device, dtype = grad_spec.device, grad_spec.real.dtype
+    half = _cached(settings, ("half", index), half_spectrum_weights, res.n_fft, device, dtype)
+    window = _cached(settings, ("window", index), settings.padded_window, index, device, dtype)
+    frames = torch.fft.irfft(grad_spec * half, n=res.n_fft, dim=-1, norm="forward") * window
+    padded = overlap_add(frames.reshape(rows * channels, n_frames, res.n_fft), res.hop,
+                         length + 2 * pad)
+    if source is None:
+        like = padded.new_empty(rows * channels, length)
+        return torch.ops.aten.reflection_pad1d_backward(padded, like, [pad, pad]).view(
+            rows, channels, length)
+    out = padded.new_zeros(rows, channels, length)
+    return out.scatter_add_(2, source[:, None, :].expand(-1, channels, -1),
+                            padded.view(rows, channels, -1))
+
+
+def _cached(settings: MRSTFTSettings, key, make, *args):
+    """``make(*args)`` kept on ``settings`` per device and dtype (not while tracing)."""
+    key = ("per-example",) + key + tuple(args[-2:])
+    value = settings.cache.get(key)
+    if value is None:
+        value = make(*args)
         if not tracing():
-            settings.cache[key] = window
-    return window
+            settings.cache[key] = value
+    return value
 
 
 # --------------------------------------------------------------------------------------------
-# The sums, in torch (the triton backend's: kernels/per_example.py)
+# The sums and their gradients, in torch (the triton backend's: kernels/per_example.py)
 # --------------------------------------------------------------------------------------------
 
 class TorchSums:
-    """The ``torch`` backend's sums: plain torch, gradients by autograd."""
+    """The ``torch`` backend's sums: plain torch."""
+
+    name = "torch"
+
+    @staticmethod
+    def _magnitudes(spec: torch.Tensor, eps: float):
+        power = spec.real.square() + spec.imag.square()
+        return power, power.clamp(min=eps).sqrt()
 
     @staticmethod
     def spectral(spec: torch.Tensor, frames: torch.Tensor, eps: float) -> torch.Tensor:
         """``[B, 4]`` spectral sums ``s_rb`` of ``spec`` ``[2B, C, F, bins]`` over each
         example's first ``frames[b]`` frames."""
         batch = frames.shape[0]
-        power = spec.real.square() + spec.imag.square()
-        mag = power.clamp(min=eps).sqrt()
+        _, mag = TorchSums._magnitudes(spec, eps)
         mx, my = mag[:batch], mag[batch:]
         diff = mx - my
         terms = torch.stack([diff.square(), my.square(), torch.log(mx / my).abs(), diff.abs()])
-        valid = torch.arange(spec.shape[2], device=spec.device)[None, :] < frames[:, None]
-        terms = torch.where(valid[None, :, None, :, None], terms, 0.0)
+        terms = torch.where(_valid_frames(spec, frames)[None], terms, 0.0)
         return terms.sum((2, 3, 4)).T
+
+    @staticmethod
+    def spectral_grad(spec: torch.Tensor, frames: torch.Tensor, eps: float,
+                      grad_sums: torch.Tensor) -> torch.Tensor:
+        """``dL/dX`` (complex, ``spec``'s shape) for the sums' gradients ``grad_sums``
+        ``[B, 4]`` (``kernels/per_example.py`` has the formulas)."""
+        batch = frames.shape[0]
+        power, mag = TorchSums._magnitudes(spec, eps)
+        mx, my = mag[:batch], mag[batch:]
+        g_d2, g_py, g_log, g_d = (g[:, None, None, None] for g in grad_sums.unbind(1))
+        diff = mx - my
+        sign_log, sign_d = torch.sign(torch.log(mx / my)), torch.sign(diff)
+        d_mx = 2 * g_d2 * diff + g_log * sign_log / mx + g_d * sign_d
+        d_my = -2 * g_d2 * diff + 2 * g_py * my - g_log * sign_log / my - g_d * sign_d
+        valid = _valid_frames(spec, frames).repeat(2, 1, 1, 1)
+        coef = torch.where(valid & (power >= eps), torch.cat([d_mx, d_my]) / mag, 0.0)
+        return coef * spec
 
     @staticmethod
     def recon(recon: torch.Tensor, target: torch.Tensor,
@@ -143,18 +191,23 @@ class TorchSums:
         return terms.sum((2, 3)).T
 
 
+
+def _valid_frames(spec: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, F, 1]``: whether frame f is one of example b's."""
+    valid = torch.arange(spec.shape[2], device=spec.device)[None, :] < frames[:, None]
+    return valid[:, None, :, None]
+
+
 # --------------------------------------------------------------------------------------------
-# Losses from sums
+# The STFT term from sums, and its gradient
 # --------------------------------------------------------------------------------------------
 
 def _norm_of_sum(total: torch.Tensor) -> torch.Tensor:
-    """``sqrt(total)`` whose gradient at 0 is 0 (``torch.norm``'s at a zero vector, which the
-    oracle's spectral convergence takes), not ``0 * inf``; NaN stays NaN."""
-    zero = total == 0
-    return torch.where(zero, 0.0, torch.where(zero, 1.0, total).sqrt())
+    """``sqrt(total)``, 0 at 0 (the spectral-convergence numerator ``||D||``)."""
+    return torch.where(total == 0, 0.0, total.sqrt())
 
 
-def _reduced(sums: torch.Tensor, reduction: str) -> torch.Tensor:
+def _batch_sums(sums: torch.Tensor, reduction: str) -> torch.Tensor:
     """The sums a term is formed from: the batch's (``mean``) or each example's."""
     return sums.sum(0) if reduction == "mean" else sums
 
@@ -164,44 +217,164 @@ def _entry(per_example: torch.Tensor, reduction: str) -> torch.Tensor:
     return per_example.sum(0) if reduction == "sum" else per_example
 
 
+def _term_names(settings: MRSTFTSettings, r: int) -> List[Tuple[int, str, float]]:
+    """``(column of the sums, name, weight)`` of resolution r's terms auraloss computes."""
+    return [(column, f"stft_{name}_loss_{r}", weight) for column, name, weight in (
+        (0, "sc", settings.w_sc), (2, "log_mag", settings.w_log_mag),
+        (3, "lin_mag", settings.w_lin_mag)) if weight]
+
+
 def stft_terms(spectral: List[torch.Tensor], counts: List[torch.Tensor],
                settings: MRSTFTSettings, reduction: str
                ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """``(MRSTFT, per-resolution terms)`` from each resolution's ``[B, 4]`` sums and ``[B]``
-    counts, per example or for the batch (``_reduced``), before the ``sum`` reduction. Terms
-    whose weight is 0 are left out, as auraloss leaves them."""
+    counts, per example or for the batch (``mean``: ``_batch_sums``). Terms whose weight is 0
+    are left out, as auraloss leaves them."""
     n_res = len(settings.resolutions)
     weights = settings.resolution_weights or (1.0,) * n_res
     mrstft = None
     terms: Dict[str, torch.Tensor] = {}
     for r, (sums, count) in enumerate(zip(spectral, counts)):
-        sums = _reduced(sums, reduction)
-        count = _reduced(count, reduction).to(sums.dtype)
+        sums = _batch_sums(sums, reduction)
+        count = _batch_sums(count, reduction).to(sums.dtype)
         loss_r = torch.zeros_like(sums[..., 0])
-        if settings.w_sc:
-            terms[f"stft_sc_loss_{r}"] = sc = _norm_of_sum(sums[..., 0]) / sums[..., 1].sqrt()
-            loss_r = loss_r + settings.w_sc * sc
-        if settings.w_log_mag:
-            terms[f"stft_log_mag_loss_{r}"] = log_mag = sums[..., 2] / count
-            loss_r = loss_r + settings.w_log_mag * log_mag
-        if settings.w_lin_mag:
-            terms[f"stft_lin_mag_loss_{r}"] = lin_mag = sums[..., 3] / count
-            loss_r = loss_r + settings.w_lin_mag * lin_mag
+        for column, name, weight in _term_names(settings, r):
+            if column == 0:
+                term = _norm_of_sum(sums[..., 0]) / sums[..., 1].sqrt()
+            else:
+                term = sums[..., column] / count
+            terms[name] = term
+            loss_r = loss_r + weight * term
         loss_r = weights[r] * loss_r
         mrstft = loss_r if mrstft is None else mrstft + loss_r
     return mrstft / n_res, terms
 
 
-def _spectral_sums(x, y, settings: MRSTFTSettings, lengths, sums) -> Tuple[list, list]:
-    """Each resolution's ``[B, 4]`` sums and ``[B]`` counts ``K_rb`` for ``[B, C, H, W]``
-    signals."""
-    spectral, counts = [], []
-    for index, res in enumerate(settings.resolutions):
-        spec, frames = spectra(x, y, settings, index, lengths)
-        spectral.append(sums.spectral(spec, frames, settings.eps))
-        counts.append(frames * (x.shape[1] * (res.n_fft // 2 + 1)))
-    return spectral, counts
+def _sums_gradient(sums, count, settings: MRSTFTSettings, r: int, reduction: str,
+                   g_mrstft, g_terms: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[B, 4]``: the gradient of the incoming ``g_mrstft`` (of MRSTFT) and ``g_terms`` (of
+    resolution r's terms) with respect to its sums ``s_rb``::
 
+        c = g_mrstft rw_r w / R + g_term            (each term's incoming coefficient)
+        d sc/ds0 = 1 / (2 sqrt(s0) sqrt(s1)) (0 at s0 = 0, torch.norm's)
+        d sc/ds1 = -sqrt(s0) / (2 s1 sqrt(s1)),   d log/ds2 = d lin/ds3 = 1 / K
+
+    (``mean``: of the batch's sums, the same for every example)."""
+    n_res = len(settings.resolutions)
+    weight_r = (settings.resolution_weights or (1.0,) * n_res)[r]
+    sums = _batch_sums(sums, reduction)
+    count = _batch_sums(count, reduction).to(sums.dtype)
+    grad = torch.zeros_like(sums)
+    for column, name, weight in _term_names(settings, r):
+        c = torch.zeros_like(sums[..., 0])
+        if g_mrstft is not None:
+            c = c + g_mrstft * (weight_r * weight / n_res)
+        if g_terms.get(name) is not None:
+            c = c + g_terms[name]
+        if column == 0:
+            num, den = _norm_of_sum(sums[..., 0]), sums[..., 1].sqrt()
+            grad[..., 0] = torch.where(num == 0, 0.0, c / (2 * num * den))
+            grad[..., 1] = -c * num / (2 * sums[..., 1] * den)
+        else:
+            grad[..., column] = c / count
+    return grad
+
+
+class _STFTTerm(torch.autograd.Function):
+    """The STFT term of ``[B, C, H, W]`` signals (MRSTFT per example, or of the batch for
+    ``mean``) and its per-resolution terms; sums by ``sums``. Backward, from the saved
+    spectra: the sums' gradient (``_sums_gradient``), the spectra's (``sums.spectral_grad``),
+    then the adjoint of the framing (``signal_gradient``). An example (the batch, for
+    ``mean``) that no incoming gradient reaches gets exactly 0, even where its own gradient
+    is NaN or inf: the non-finite guard relies on it (``core/gradients.py``)."""
+
+    @staticmethod
+    def forward(ctx, x, y, settings, reduction, lengths, sums):
+        batch, channels, height, width = x.shape
+        both = torch.cat([x, y]).reshape(2 * batch, channels, height * width)
+        spectral, counts, saved = [], [], []
+        for index, res in enumerate(settings.resolutions):
+            spec, frames, source = spectra(both, settings, index, lengths, height, width)
+            spectral.append(sums.spectral(spec, frames, settings.eps))
+            counts.append(frames * (channels * (res.n_fft // 2 + 1)))
+            saved += [spec, frames, source, spectral[-1], counts[-1]]
+        mrstft, terms = stft_terms(spectral, counts, settings, reduction)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, y, *saved)
+        ctx.meta = (settings, reduction, sums, list(terms))
+        return (mrstft, *terms.values())
+
+    @staticmethod
+    def backward(ctx, g_mrstft, *g_terms):
+        x, y, *saved = ctx.saved_tensors
+        settings, reduction, sums, names = ctx.meta
+        incoming = [g for g in (g_mrstft, *g_terms) if g is not None]
+        if not incoming:
+            return None, None, None, None, None, None
+        reached = torch.stack([g != 0 for g in incoming]).any(0)
+        g_terms = dict(zip(names, g_terms))
+        batch, channels, height, width = x.shape
+        grad = None
+        for index in range(len(settings.resolutions)):
+            spec, frames, source, spectral, count = saved[5 * index:5 * index + 5]
+            grad_sums = _sums_gradient(spectral, count, settings, index, reduction, g_mrstft,
+                                       g_terms).expand(batch, 4)
+            grad_spec = sums.spectral_grad(spec, frames, settings.eps, grad_sums.contiguous())
+            grad_r = signal_gradient(grad_spec, settings, index, source, height * width)
+            grad = grad_r if grad is None else grad + grad_r
+        rows = reached.repeat(2) if reached.dim() else reached
+        grad = torch.where(rows.reshape(-1, 1, 1), grad, 0.0)
+        gx, gy = (g.reshape(x.shape) for g in grad.chunk(2))
+        grads = first_order_only(sums.name, (gx if ctx.needs_input_grad[0] else None,
+                                                 gy if ctx.needs_input_grad[1] else None),
+                                 (x, y))
+        return (*grads, None, None, None, None)
+
+
+def _stft_term(x, y, settings, reduction, lengths, sums):
+    """``(MRSTFT, terms)``: ``[B]`` each (``none``, ``sum``) or 0-dim (``mean``)."""
+    mrstft, *terms = _STFTTerm.apply(x, y, settings, reduction, lengths, sums)
+    names = [name for r in range(len(settings.resolutions))
+             for _, name, _ in _term_names(settings, r)]
+    return mrstft, dict(zip(names, terms))
+
+
+# --------------------------------------------------------------------------------------------
+# The free-bits KL per example
+# --------------------------------------------------------------------------------------------
+
+class _ExampleFreeBitsKL(torch.autograd.Function):
+    """``kl_b = sum_d max(k, free_bits)``, ``k = -0.5 (1 + logvar - mu^2 - exp(logvar))``;
+    ``dkl_b/dmu = mu [k >= free_bits]``, ``dkl_b/dlogvar = 0.5 (exp(logvar) - 1)
+    [k >= free_bits]``, computed in forward; an example no gradient reaches gets exactly 0
+    (an infinite KL cut off by the non-finite guard sends no ``0 * inf``)."""
+
+    @staticmethod
+    def forward(mu, logvar, free_bits, backend):
+        var = torch.exp(logvar)
+        k = -0.5 * (1 + logvar - mu * mu - var)
+        active = (k >= free_bits).to(mu.dtype)
+        return k.clamp_min(free_bits).sum(1), mu * active, 0.5 * (var - 1) * active
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, g_mu, g_logvar = output
+        ctx.mark_non_differentiable(g_mu, g_logvar)
+        ctx.save_for_backward(g_mu, g_logvar, *inputs[:2])
+        ctx.backend = inputs[3]
+
+    @staticmethod
+    def backward(ctx, grad_kl, _g_mu, _g_logvar):
+        g_mu, g_logvar, mu, logvar = ctx.saved_tensors
+        scale = grad_kl[:, None]
+        grads = [torch.where(scale != 0, scale * g, 0.0) if needed else None
+                 for g, needed in zip((g_mu, g_logvar), ctx.needs_input_grad)]
+        return (*first_order_only(ctx.backend, grads, (mu, logvar)), None, None)
+
+
+# --------------------------------------------------------------------------------------------
+# The losses
+# --------------------------------------------------------------------------------------------
 
 def mrstft_loss(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings, options: Options,
                 sums) -> torch.Tensor:
@@ -209,8 +382,7 @@ def mrstft_loss(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings, opti
     example's signals) with ``sums`` (``TorchSums`` or the kernels')."""
     dtype = compute_dtype(x, y)
     x, y = (t.to(dtype)[:, :, None, :] for t in (x, y))
-    spectral, counts = _spectral_sums(x, y, settings, options.lengths, sums)
-    mrstft, _ = stft_terms(spectral, counts, settings, options.reduction)
+    mrstft, _ = _stft_term(x, y, settings, options.reduction, options.lengths, sums)
     return _entry(mrstft, options.reduction)
 
 
@@ -224,24 +396,22 @@ def combined_loss(recon, target, mu, logvar, config, kl_weight, stft: MRSTFTSett
     reduction, lengths = options.reduction, options.lengths
     height = recon.shape[2]
 
-    q = _reduced(sums.recon(recon, target, lengths), reduction)
+    q = _batch_sums(sums.recon(recon, target, lengths), reduction)
     wide = q.dtype
     if lengths is None:
         n = torch.full((recon.shape[0],), height * recon.shape[3], device=recon.device)
     else:
         n = lengths * height
-    n = _reduced(n, reduction).to(wide)
+    n = _batch_sums(n, reduction).to(wide)
     mag = q[..., 0] / n
     if_loss = (q[..., 1] / n) / (q[..., 2] / n + IF_EPS)
     rc = config.reconstruction
     recon_wide = rc.weight * (rc.magnitude_weight * mag + rc.if_weight * if_loss)
 
-    spectral, counts = _spectral_sums(recon[:, :1], target[:, :1], stft, lengths, sums)
-    mrstft, terms = stft_terms(spectral, counts, stft, reduction)
+    mrstft, terms = _stft_term(recon[:, :1], target[:, :1], stft, reduction, lengths, sums)
     stft_loss = mrstft.clamp_min(0.0)
 
-    k = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
-    kl = k.clamp(min=config.kl.free_bits).sum(dim=1)
+    kl, _, _ = _ExampleFreeBitsKL.apply(mu, logvar, float(config.kl.free_bits), sums.name)
     kl = kl.mean() if reduction == "mean" else kl
 
     total = config.stft.weight * stft_loss.to(wide) + recon_wide

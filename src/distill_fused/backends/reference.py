@@ -160,7 +160,8 @@ def _stacked(entries):
     return {key: torch.stack([torch.as_tensor(e[key]) for e in entries]) for key in entries[0]}
 
 
-def _reduced(losses, reduction):
+def _as_reduction(losses, reduction):
+    """Per-example losses ``[B]`` as ``reduction`` returns them (``sum``: summed)."""
     return {key: value.sum(0) if reduction == "sum" else value for key, value in losses.items()}
 
 
@@ -213,7 +214,7 @@ def combined_loss_per_example(recon, target, mu, logvar, config, kl_weight, stft
                 kl_weight, stft, lambda x, y: _stft_with_terms(x, y, stft))
             entries.append(with_terms(losses, terms))
             all_finite = all_finite and bool(finite)
-        return _reduced(_stacked(entries), options.reduction), torch.tensor(all_finite)
+        return _as_reduction(_stacked(entries), options.reduction), torch.tensor(all_finite)
     if options.lengths is None:
         losses, terms, finite = _combined_of(recon, target, mu, logvar, config, kl_weight, stft,
                                              lambda x, y: _stft_with_terms(x, y, stft))

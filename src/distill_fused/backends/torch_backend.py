@@ -18,14 +18,13 @@ from ..core.gradients import first_order_only, gated_grad
 from ..core.outputs import Combined, compute_dtype
 from ..core.settings import MRSTFTSettings
 from ..core.tracing import tracing
-from . import per_example
 from .assemble import assemble_combined_loss
 
 # --------------------------------------------------------------------------------------------
 # Multi-resolution STFT loss
 # --------------------------------------------------------------------------------------------
 
-def _half_spectrum_weights(n_fft: int, device, dtype) -> torch.Tensor:
+def half_spectrum_weights(n_fft: int, device, dtype) -> torch.Tensor:
     """``h[k]`` such that ``irfft(h * G, norm="forward")`` is the adjoint of the onesided rfft.
 
     The onesided rfft of a real frame ``f`` is ``X_k = sum_n f_n exp(-2i pi k n / N)`` for
@@ -40,7 +39,7 @@ def _half_spectrum_weights(n_fft: int, device, dtype) -> torch.Tensor:
     return h
 
 
-def _overlap_add(frames: torch.Tensor, hop: int, length: int) -> torch.Tensor:
+def overlap_add(frames: torch.Tensor, hop: int, length: int) -> torch.Tensor:
     """Adjoint of cutting ``[S, length]`` into frames ``[S, n_frames, n_fft]`` every ``hop``.
 
     When ``hop`` divides ``n_fft`` the frames are ``n_fft / hop`` blocks of ``hop`` samples and
@@ -72,7 +71,7 @@ def _stft_adjoint(grad_spec: torch.Tensor, window: torch.Tensor, hop: int,
     pad = n_fft // 2
     frames = torch.fft.irfft(grad_spec, n=n_fft, dim=-1, norm="forward")
     frames.mul_(window)
-    padded = _overlap_add(frames, hop, like.shape[-1] + 2 * pad)
+    padded = overlap_add(frames, hop, like.shape[-1] + 2 * pad)
     return torch.ops.aten.reflection_pad1d_backward(padded, like, [pad, pad])
 
 
@@ -160,7 +159,7 @@ def _mrstft_value_and_grads(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSe
                     coef.addcmul_(m, -w_sc * num / den.pow(3))
             coefs.append(coef.div_(m))
         coef = torch.cat(coefs) if len(coefs) == 2 else coefs[0]
-        half = _cached(settings, ("half", index, device, dtype), _half_spectrum_weights,
+        half = _cached(settings, ("half", index, device, dtype), half_spectrum_weights,
                        res.n_fft, device, dtype)
         coef.masked_fill_(clamped[grad_rows], 0.0).mul_(half)
         res_grad = _stft_adjoint(spec[grad_rows] * coef, window, res.hop, both[grad_rows])
@@ -288,13 +287,3 @@ def combined_loss(recon, target, mu, logvar, config, kl_weight, stft, *,
                                   recon_terms=recon_terms, free_bits_kl=free_bits_kl,
                                   mrstft_loss=mrstft_loss, fft_grouping=fft_grouping)
 
-
-def combined_loss_per_example(recon, target, mu, logvar, config, kl_weight, stft, options):
-    """``compute_combined_loss`` with ``reduction``, ``lengths`` or per-resolution terms or
-    weights (``per_example.py``), its sums in torch."""
-    return per_example.combined_loss(recon, target, mu, logvar, config, kl_weight, stft,
-                                     options, per_example.TorchSums)
-
-
-def mrstft_loss_per_example(x, y, settings, options):
-    return per_example.mrstft_loss(x, y, settings, options, per_example.TorchSums)

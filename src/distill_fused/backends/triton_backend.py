@@ -12,6 +12,8 @@ the per-example path (``per_example.py``) with the per-example sums of
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import triton  # noqa: F401  (fail here, at selection, when Triton is missing)
 
@@ -37,13 +39,8 @@ def combined_loss(recon, target, mu, logvar, config, kl_weight, stft, *,
                                   mrstft_loss=mrstft_loss, fft_grouping=fft_grouping)
 
 
-def combined_loss_per_example(recon, target, mu, logvar, config, kl_weight, stft, options):
-    return per_example.combined_loss(recon, target, mu, logvar, config, kl_weight, stft,
-                                     options, TritonSums)
-
-
-def mrstft_loss_per_example(x, y, settings, options):
-    return per_example.mrstft_loss(x, y, settings, options, TritonSums)
+combined_loss_per_example = partial(per_example.combined_loss, sums=TritonSums)
+mrstft_loss_per_example = partial(per_example.mrstft_loss, sums=TritonSums)
 
 
 __all__ = ["combined_loss", "mrstft_loss", "combined_loss_per_example",
