@@ -96,19 +96,36 @@ def oracle_alone(batch, lengths, weights, dtype, grad_target=True):
     return losses, grads
 
 
-def tolerances(batch, lengths, weights, dtype, oracle64_grads):
-    """The spec's: float64 within 1e-10 (losses) and 1e-8 (gradients); float32 within 1e-5
-    and max(1e-3, 2 x the float32 oracle's own error) per gradient."""
+def float32_tolerances(ref, ref_grads, own, own_grads):
+    """float32 against the float64 oracle: each loss within max(1e-5, 2 x the float32
+    oracle's own error), each gradient within max(1e-3, 2 x its own error).
+
+    The spec's 1e-5 on losses holds for the batch-level entries; an entry of one example and
+    one resolution sums far fewer values, and its log-magnitude term takes the float32 FFT's
+    rounding at magnitudes near sqrt(eps), amplified by the log: on noise, the float32
+    oracle's own error there passes 1e-5 on about 1 seed in 750 (1.48e-5 for
+    ``stft_log_mag_loss_0`` at seed 94736893935132, ours the same to three digits). So the
+    values take the gradients' rule: the float32 oracle's own error, doubled."""
+    loss_tols = {key: max(1e-5, 2 * rel_err(own[key], ref[key])) for key in ref}
+    return loss_tols, [max(1e-3, 2 * rel_err(g32, g)) for g32, g in zip(own_grads, ref_grads)]
+
+
+def tolerances(batch, lengths, weights, dtype, oracle64, oracle64_grads):
+    """The spec's: float64 within 1e-10 (losses) and 1e-8 (gradients); float32 as
+    ``float32_tolerances``."""
     if dtype == torch.float64:
         return 1e-10, [1e-8] * 4
-    _, grads32 = oracle_alone([t.to(dtype).double() for t in batch], lengths, weights, dtype)
-    return 1e-5, [max(1e-3, 2 * rel_err(g32, g)) for g32, g in zip(grads32, oracle64_grads)]
+    own, own_grads = oracle_alone([t.to(dtype).double() for t in batch], lengths, weights,
+                                  dtype)
+    return float32_tolerances(oracle64, oracle64_grads, own, own_grads)
 
 
 def assert_close(out, grads, ref, ref_grads, loss_tol, grad_tols, keys=KEYS + TERMS):
+    """``loss_tol``: one tolerance, or one per key."""
     for key in keys:
         err = rel_err(out[key], ref[key])
-        assert err <= loss_tol, f"{key}: relative error {err:.3g} > {loss_tol:g}"
+        tol = loss_tol[key] if isinstance(loss_tol, dict) else loss_tol
+        assert err <= tol, f"{key}: relative error {err:.3g} > {tol:.3g}"
     for name, g, g_ref, tol in zip(("recon", "target", "mu", "logvar"), grads, ref_grads,
                                    grad_tols):
         err = rel_err(g, g_ref)
@@ -127,16 +144,14 @@ def test_none_gives_each_example_its_loss_alone(backend, dtype, kind, padded, se
     batch = draw_batch(kind, seed)
     lengths = draw_lengths(seed) if padded else None
     weights = cotangent(seed)
-    ref, ref_grads = oracle_alone(batch, lengths, weights, torch.float64)
     # The inputs as the backend sees them, exactly upcast for the float64 oracle.
     rounded = [t.to(dtype).double() for t in batch]
-    if dtype != torch.float64:
-        ref, ref_grads = oracle_alone(rounded, lengths, weights, torch.float64)
+    ref, ref_grads = oracle_alone(rounded, lengths, weights, torch.float64)
     out, grads = run(rounded, backend, dtype, weights, reduction="none", lengths=lengths,
                      per_resolution_terms=True)
     for key in KEYS + TERMS:
         assert out[key].shape == (B,) and out[key].dtype == dtype, key
-    assert_close(out, grads, ref, ref_grads, *tolerances(batch, lengths, weights, dtype,
+    assert_close(out, grads, ref, ref_grads, *tolerances(batch, lengths, weights, dtype, ref,
                                                          ref_grads))
 
 
@@ -174,9 +189,8 @@ def test_mean_with_lengths_is_the_batch_loss_over_the_valid_elements(backend, dt
     out, grads = run(batch, backend, dtype, **kwargs)
     loss_tol, grad_tols = 1e-10, [1e-8] * 4
     if dtype != torch.float64:
-        _, grads32 = run(batch, "reference", dtype, **kwargs)
-        loss_tol = 1e-5
-        grad_tols = [max(1e-3, 2 * rel_err(g32, g)) for g32, g in zip(grads32, ref_grads)]
+        loss_tol, grad_tols = float32_tolerances(ref, ref_grads,
+                                                 *run(batch, "reference", dtype, **kwargs))
     assert_close(out, grads, ref, ref_grads, loss_tol, grad_tols)
 
 
@@ -292,9 +306,7 @@ def test_resolution_weights_per_example_and_padded(backend, dtype, seed):
     out, grads = losses(backend, dtype)
     loss_tol, grad_tols = 1e-10, [1e-8] * 4
     if dtype != torch.float64:
-        _, grads32 = losses("reference", dtype)
-        loss_tol = 1e-5
-        grad_tols = [max(1e-3, 2 * rel_err(g32, g)) for g32, g in zip(grads32, ref_grads)]
+        loss_tol, grad_tols = float32_tolerances(ref, ref_grads, *losses("reference", dtype))
     assert_close(out, grads, ref, ref_grads, loss_tol, grad_tols, keys=KEYS)
 
 
@@ -359,7 +371,7 @@ def test_stft_module_none_is_auraloss_on_each_example_alone(backend, dtype, padd
     loss_tol, grad_tols = 1e-10, [1e-8] * 2
     if dtype != torch.float64:
         own = _module_oracle_alone(x.to(dtype), y.to(dtype), crops, weights)
-        loss_tol = 1e-5
+        loss_tol = max(1e-5, 2 * rel_err(own[0], ref[0]))  # see float32_tolerances
         grad_tols = [max(1e-3, 2 * rel_err(g32, g)) for g32, g in zip(own[1:], ref[1:])]
     assert rel_err(got[0], ref[0]) <= loss_tol
     for g, g_ref, tol in zip(got[1:], ref[1:], grad_tols):
