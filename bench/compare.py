@@ -54,12 +54,19 @@ def main(argv=None) -> None:
     parser.add_argument("--provider", default="torch")
     parser.add_argument("--case", nargs="+", default=["smoke", "user", "long"])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--write", help="also write the runs here (JSON lines, the device "
+                                        "first)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # a child run: this tree
     args = parser.parse_args(argv)
     if args.measure:
         print(json.dumps(measure(args.provider, args.case)))
         return
     here = Path(__file__).resolve().parents[1]
+    import harness
+    lines = [json.dumps({"device": harness.device_name(harness.device()),
+                         "provider": args.provider, "base": str(args.base),
+                         "fields": "case: [median ms, peak extra MB]"})]
+    print(lines[0], flush=True)
     for _ in range(args.rounds):
         for tree in (Path(args.base).resolve(), here):
             env = dict(os.environ, PYTHONPATH=str(tree / "src"))
@@ -67,8 +74,11 @@ def main(argv=None) -> None:
                                   "--measure", "1", "--provider", args.provider,
                                   "--case", *args.case], env=env, capture_output=True,
                                  text=True, check=True)
-            print(json.dumps({"tree": str(tree), **json.loads(run.stdout.splitlines()[-1])}),
-                  flush=True)
+            lines.append(json.dumps({"tree": str(tree),
+                                     **json.loads(run.stdout.splitlines()[-1])}))
+            print(lines[-1], flush=True)
+    if args.write:
+        Path(args.write).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -30,9 +30,11 @@ and ``kl_b = sum_d max(k, free_bits)``. A reduction turns sums into losses::
 and then, for each entry, ``MRSTFT = (1/R) sum_r rw_r (w_sc sc_r + w_log log_r + w_lin lin_r)``,
 ``stft = max(MRSTFT, 0)`` and the total with its non-finite guard, entry by entry.
 
-The sums' gradients are the backends' (``TorchSums`` below, ``kernels/per_example.py``); the
-rest is autograd through the formulas above, so the gradient on padding is exactly 0 (no
-padded sample is read). ``lengths`` stay on the device: nothing here reads a value back.
+Gradients: the STFT term's and the KL's in closed form (``_STFTTerm``, ``_ExampleFreeBitsKL``:
+an entry that no gradient reaches gets exactly 0 from them, as the non-finite guard needs),
+the sums' by the backend (``TorchSums`` below, ``kernels/per_example.py``), the formulas on
+``[B]``-sized sums by autograd. No padded sample is read, so the gradient on padding is exactly
+0. ``lengths`` stay on the device: nothing here reads a value back.
 """
 
 from __future__ import annotations
