@@ -96,7 +96,7 @@ def _example_spectral_sums_kernel(
         sum_d += d
         start += n_programs * BLOCK
     out = partials_ptr + (b * n_programs + program) * 4
-    # One slot per program: in range by construction (grid == (P, B)).
+    # One slot per program: in range by construction (B P programs).
     tl.store(out, tl.sum(sum_d2, axis=0))
     tl.store(out + 1, tl.sum(sum_py, axis=0))
     tl.store(out + 2, tl.sum(sum_log, axis=0))
@@ -215,7 +215,7 @@ def _example_recon_sums_kernel(
         s_tm += tm
         start += n_programs * BLOCK
     out = partials_ptr + (b * n_programs + program) * 3
-    # One slot per program: in range by construction (grid == (P, B)).
+    # One slot per program: in range by construction (B P programs).
     tl.store(out, tl.sum(s_mag, axis=0))
     tl.store(out + 1, tl.sum(s_if, axis=0))
     tl.store(out + 2, tl.sum(s_tm, axis=0))

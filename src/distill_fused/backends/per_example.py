@@ -48,8 +48,7 @@ from ..core.gradients import first_order_only
 from ..core.options import Options
 from ..core.outputs import LOSS_KEYS, compute_dtype
 from ..core.settings import MRSTFTSettings
-from ..core.tracing import tracing
-from .torch_backend import half_spectrum_weights, overlap_add
+from .torch_backend import cached, half_spectrum_weights, overlap_add
 
 IF_EPS = 1e-8
 
@@ -92,8 +91,9 @@ def spectra(both: torch.Tensor, settings: MRSTFTSettings, index: int,
         source = _source_index(lengths, height, width, pad, length + 2 * pad).repeat(2, 1)
         padded = torch.gather(both, 2, source[:, None, :].expand(-1, channels, -1))
         n = lengths * height
-    frames = padded.unfold(-1, res.n_fft, res.hop) * _cached(
-        settings, ("window", index), settings.padded_window, index, both.device, both.dtype)
+    frames = padded.unfold(-1, res.n_fft, res.hop) * cached(
+        settings, ("window", index, both.device, both.dtype), settings.padded_window, index,
+        both.device, both.dtype)
     return torch.fft.rfft(frames, dim=-1), 1 + (n + 2 * pad - res.n_fft) // res.hop, source
 
 
@@ -107,8 +107,10 @@ def signal_gradient(grad_spec: torch.Tensor, settings: MRSTFTSettings, index: in
     res = settings.resolutions[index]
     pad = res.n_fft // 2
     device, dtype = grad_spec.device, grad_spec.real.dtype
-    half = _cached(settings, ("half", index), half_spectrum_weights, res.n_fft, device, dtype)
-    window = _cached(settings, ("window", index), settings.padded_window, index, device, dtype)
+    half = cached(settings, ("half", index, device, dtype), half_spectrum_weights, res.n_fft,
+                  device, dtype)
+    window = cached(settings, ("window", index, device, dtype), settings.padded_window, index,
+                    device, dtype)
     frames = torch.fft.irfft(grad_spec * half, n=res.n_fft, dim=-1, norm="forward") * window
     padded = overlap_add(frames.reshape(rows * channels, n_frames, res.n_fft), res.hop,
                          length + 2 * pad)
@@ -119,17 +121,6 @@ def signal_gradient(grad_spec: torch.Tensor, settings: MRSTFTSettings, index: in
     out = padded.new_zeros(rows, channels, length)
     return out.scatter_add_(2, source[:, None, :].expand(-1, channels, -1),
                             padded.view(rows, channels, -1))
-
-
-def _cached(settings: MRSTFTSettings, key, make, *args):
-    """``make(*args)`` kept on ``settings`` per device and dtype (not while tracing)."""
-    key = ("per-example",) + key + tuple(args[-2:])
-    value = settings.cache.get(key)
-    if value is None:
-        value = make(*args)
-        if not tracing():
-            settings.cache[key] = value
-    return value
 
 
 # --------------------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def _stft_adjoint(grad_spec: torch.Tensor, window: torch.Tensor, hop: int,
     return torch.ops.aten.reflection_pad1d_backward(padded, like, [pad, pad])
 
 
-def _cached(settings: MRSTFTSettings, key, make, *args):
+def cached(settings: MRSTFTSettings, key, make, *args):
     """``settings.cache[key]``, made on first use as ``make(*args)``; a traced step makes its
     own and keeps none (a tensor made inside a compiled graph must not outlive it)."""
     value = settings.cache.get(key)
@@ -113,7 +113,7 @@ def _mrstft_value_and_grads(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSe
     loss = torch.zeros((), device=device, dtype=dtype)
     grad = None
     for index, res in enumerate(settings.resolutions):
-        window = _cached(settings, ("window", index, device, dtype), settings.padded_window,
+        window = cached(settings, ("window", index, device, dtype), settings.padded_window,
                          index, device, dtype)
         # [2S, frames, F]: torch.stft's own memory order, so every pass below is contiguous.
         spec = torch.stft(both, res.n_fft, res.hop, window=window, center=True,
@@ -159,7 +159,7 @@ def _mrstft_value_and_grads(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSe
                     coef.addcmul_(m, -w_sc * num / den.pow(3))
             coefs.append(coef.div_(m))
         coef = torch.cat(coefs) if len(coefs) == 2 else coefs[0]
-        half = _cached(settings, ("half", index, device, dtype), half_spectrum_weights,
+        half = cached(settings, ("half", index, device, dtype), half_spectrum_weights,
                        res.n_fft, device, dtype)
         coef.masked_fill_(clamped[grad_rows], 0.0).mul_(half)
         res_grad = _stft_adjoint(spec[grad_rows] * coef, window, res.hop, both[grad_rows])
