@@ -62,6 +62,12 @@ def _worker(rank, backend, seed, folder):
             optimizer.step()
         torch.save([p.detach() for p in model.module.parameters()],
                    os.path.join(folder, f"rank{rank}.pt"))
+        # Teardown in order: the reducer (and any gloo work it holds) before its process
+        # group, and neither rank tearing down while the other is still in a collective.
+        # (Once in CI a rank died at exit, SIGABRT "terminate called without an active
+        # exception": gloo work alive at teardown, as pytorch/pytorch#179291 describes.)
+        del model, optimizer
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
