@@ -190,8 +190,9 @@ def _per_example_options(recon, stft, stft_loss_fn, reduction, lengths,
 
 
 def _free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> torch.Tensor:
+    """Each example's free-bits KL, ``[B]``."""
     kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
-    return torch.clamp(kl, min=free_bits).sum(dim=1).mean()
+    return torch.clamp(kl, min=free_bits).sum(dim=1)
 
 
 def vae_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
@@ -204,15 +205,14 @@ def vae_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logvar
     reduction = check_reduction(reduction)
     if reduction == "mean":
         mse = torch.nn.functional.mse_loss(recon, target)
-        kl_loss = _free_bits_kl(mu, logvar, free_bits)
+        kl_loss = _free_bits_kl(mu, logvar, free_bits).mean()
     else:
         if recon.dim() < 1 or recon.shape != target.shape or mu.shape[:1] != recon.shape[:1]:
             raise ValueError(f"reduction={reduction!r} needs recon and target of one shape "
                              f"[B, ...] and mu [B, D], got {tuple(recon.shape)}, "
                              f"{tuple(target.shape)} and {tuple(mu.shape)}")
         mse = (recon - target).square().flatten(1).mean(1)
-        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
-        kl_loss = torch.clamp(kl, min=free_bits).sum(dim=1)
+        kl_loss = _free_bits_kl(mu, logvar, free_bits)
     total = mse + kl_weight * kl_loss if kl_weight > 0 else mse
     if reduction == "sum":
         return total.sum(), mse.sum(), kl_loss.sum()
