@@ -40,6 +40,8 @@ import triton
 import triton.language as tl
 
 from ..core.gradients import first_order_only
+from ..core.settings import MRSTFTSettings
+from . import stft_options
 from ._common import device_constants, empty, is_wide, kernel_op, signum, tl_dtype, wrap_triton
 from .stft_spectral import _magnitudes, spectral_terms
 
@@ -401,15 +403,22 @@ class TritonSums:
     name = "triton"
 
     @staticmethod
-    def spectral(spec: torch.Tensor, frames: torch.Tensor, eps: float) -> torch.Tensor:
-        params = device_constants((eps,), spec.device)
-        return example_spectral_sums_op(torch.view_as_real(spec), frames, params).sum(1)
+    def spectral(spec: torch.Tensor, frames: torch.Tensor, settings: MRSTFTSettings,
+                 index: int) -> torch.Tensor:
+        if not settings.plain:
+            return stft_options.spectral_sums(spec, frames, settings, index)
+        params = device_constants((settings.eps,), spec.device)
+        sums = example_spectral_sums_op(torch.view_as_real(spec), frames, params).sum(1)
+        return torch.cat([sums, torch.zeros_like(sums[:, :1])], 1)  # no phase term
 
     @staticmethod
-    def spectral_grad(spec: torch.Tensor, frames: torch.Tensor, eps: float,
-                      grad_sums: torch.Tensor) -> torch.Tensor:
-        params = device_constants((eps,), spec.device)
-        grad = example_spectral_grad_op(torch.view_as_real(spec), frames, params, grad_sums)
+    def spectral_grad(spec: torch.Tensor, frames: torch.Tensor, settings: MRSTFTSettings,
+                      index: int, grad_sums: torch.Tensor) -> torch.Tensor:
+        if not settings.plain:
+            return stft_options.spectral_grad(spec, frames, settings, index, grad_sums)
+        params = device_constants((settings.eps,), spec.device)
+        grad = example_spectral_grad_op(torch.view_as_real(spec), frames, params,
+                                        grad_sums[:, :4].contiguous())
         return torch.view_as_complex(grad)
 
     @staticmethod

@@ -10,7 +10,14 @@ a masked version of the full one. Per resolution ``r`` (n, hop, pad = n//2), wit
 ``f < F_b = 1 + (n_b + 2 pad - n) // hop`` of every channel and ``n//2 + 1`` bins,
 ``K_rb = C F_b (n//2 + 1)`` values (notation of ``core/settings.py``)::
 
-    s_rb = (sum D^2, sum My^2, sum |ln Mx/My|, sum |D|)               (spectral sums)
+    s_rb = (sum D^2, sum My^2, sum |ln Mx/My|, sum |D|, sum (arg X - arg Y)^2)
+                                                                      (spectral sums)
+
+With auraloss's other options (``core/settings.py``) ``Mx``, ``My`` are the magnitudes the
+terms are formed from (mel: ``W_r Mx`` per frame, over ``K_rb = C F_b n_bins_r`` values; ``My``
+scaled by its signal's alpha with ``scale_invariance``), ``|.|`` becomes ``(.)^2`` with
+``mag_distance="L2"``, and the phase sum (0 unless ``w_phs``) runs over the STFT's own
+``C F_b (n//2 + 1)`` bins: ``phs_rb = s_rb4 / (C F_b (n//2 + 1))``.
 
 over example b's ``N_b = H L_b`` valid elements::
 
@@ -27,7 +34,8 @@ and ``kl_b = sum_d max(k, free_bits)``. A reduction turns sums into losses::
             likewise; kl = mean_b kl_b): with every L_b = W the seed's batch-level loss (and
             the oracle's), with lengths the same loss over the valid elements only
 
-and then, for each entry, ``MRSTFT = (1/R) sum_r rw_r (w_sc sc_r + w_log log_r + w_lin lin_r)``,
+and then, for each entry, ``MRSTFT = (1/R) sum_r rw_r (w_sc sc_r + w_log log_r + w_lin lin_r
++ w_phs phs_r)``,
 ``stft = max(MRSTFT, 0)`` and the total with its non-finite guard, entry by entry.
 
 Gradients: the STFT term's and the KL's in closed form (``_STFTTerm``, ``_ExampleFreeBitsKL``:
@@ -133,38 +141,63 @@ class TorchSums:
     name = "torch"
 
     @staticmethod
-    def _magnitudes(spec: torch.Tensor, eps: float):
-        power = spec.real.square() + spec.imag.square()
-        return power, power.clamp(min=eps).sqrt()
-
-    @staticmethod
-    def spectral(spec: torch.Tensor, frames: torch.Tensor, eps: float) -> torch.Tensor:
-        """``[B, 4]`` spectral sums ``s_rb`` of ``spec`` ``[2B, C, F, bins]`` over each
-        example's first ``frames[b]`` frames."""
+    def spectral(spec: torch.Tensor, frames: torch.Tensor, settings: MRSTFTSettings,
+                 index: int) -> torch.Tensor:
+        """``[B, 5]`` spectral sums ``s_rb`` of ``spec`` ``[2B, C, F, bins]`` (resolution
+        ``index``) over each example's first ``frames[b]`` frames."""
         batch = frames.shape[0]
-        _, mag = TorchSums._magnitudes(spec, eps)
-        mx, my = mag[:batch], mag[batch:]
-        diff = mx - my
-        terms = torch.stack([diff.square(), my.square(), torch.log(mx / my).abs(), diff.abs()])
-        terms = torch.where(_valid_frames(spec, frames)[None], terms, 0.0)
-        return terms.sum((2, 3, 4)).T
+        valid = _valid_frames(spec, frames)
+        sx, sy, _ = _features(spec, frames, settings, index)
+        diff = sx - sy
+        distance = torch.square if settings.mag_distance == "L2" else torch.abs
+        terms = torch.stack([diff.square(), sy.square(), distance(torch.log(sx / sy)),
+                             distance(diff)])
+        sums = torch.where(valid[None], terms, 0.0).sum((2, 3, 4)).T
+        phase = torch.zeros_like(sums[:, :1])
+        if settings.w_phs:
+            phase_diff = _phase(spec[:batch]) - _phase(spec[batch:])
+            phase = torch.where(valid, phase_diff.square(), 0.0).sum((1, 2, 3))[:, None]
+        return torch.cat([sums, phase], 1)
 
     @staticmethod
-    def spectral_grad(spec: torch.Tensor, frames: torch.Tensor, eps: float,
-                      grad_sums: torch.Tensor) -> torch.Tensor:
+    def spectral_grad(spec: torch.Tensor, frames: torch.Tensor, settings: MRSTFTSettings,
+                      index: int, grad_sums: torch.Tensor) -> torch.Tensor:
         """``dL/dX`` (complex, ``spec``'s shape) for the sums' gradients ``grad_sums``
-        ``[B, 4]`` (``kernels/per_example.py`` has the formulas)."""
+        ``[B, 5]`` (``kernels/per_example.py`` and ``kernels/stft_options.py`` have the
+        formulas)."""
         batch = frames.shape[0]
-        power, mag = TorchSums._magnitudes(spec, eps)
-        mx, my = mag[:batch], mag[batch:]
-        g_d2, g_py, g_log, g_d = (g[:, None, None, None] for g in grad_sums.unbind(1))
-        diff = mx - my
-        sign_log, sign_d = torch.sign(torch.log(mx / my)), torch.sign(diff)
-        d_mx = 2 * g_d2 * diff + g_log * sign_log / mx + g_d * sign_d
-        d_my = -2 * g_d2 * diff + 2 * g_py * my - g_log * sign_log / my - g_d * sign_d
-        valid = _valid_frames(spec, frames).repeat(2, 1, 1, 1)
-        coef = torch.where(valid & (power >= eps), torch.cat([d_mx, d_my]) / mag, 0.0)
-        return coef * spec
+        eps = settings.eps
+        valid = _valid_frames(spec, frames)
+        sx, sy, scaling = _features(spec, frames, settings, index)
+        g_d2, g_sy, g_log, g_d, g_phs = (g[:, None, None, None] for g in grad_sums.unbind(1))
+        diff = sx - sy
+        if settings.mag_distance == "L2":
+            slope_log, slope_d = 2 * torch.log(sx / sy), 2 * diff
+        else:
+            slope_log, slope_d = torch.sign(torch.log(sx / sy)), torch.sign(diff)
+        d_sx = 2 * g_d2 * diff + g_log * slope_log / sx + g_d * slope_d
+        d_sy = -2 * g_d2 * diff + 2 * g_sy * sy - g_log * slope_log / sy - g_d * slope_d
+        d_sx, d_sy = torch.where(valid, d_sx, 0.0), torch.where(valid, d_sy, 0.0)
+        if scaling is not None:  # sy = alpha sy0, alpha = <sx, sy0> / <sy0, sy0> per signal
+            alpha, sy0 = scaling
+            norm2 = torch.where(valid, sy0.square(), 0.0).sum((2, 3), keepdim=True)
+            d_alpha = (d_sy * sy0).sum((2, 3), keepdim=True)
+            d_sx = d_sx + torch.where(valid, d_alpha * sy0 / norm2, 0.0)
+            d_sy = alpha * d_sy + torch.where(valid, d_alpha * (sx - 2 * sy) / norm2, 0.0)
+        bank = _filterbank(settings, index, spec)
+        d_feat = torch.cat([d_sx, d_sy])
+        d_mag = d_feat if bank is None else d_feat @ bank
+        power = spec.real.square() + spec.imag.square()
+        mag = power.clamp(min=eps).sqrt()
+        grad = torch.where(power >= eps, d_mag / mag, 0.0) * spec
+        if settings.w_phs:
+            valid2 = valid.repeat(2, 1, 1, 1)
+            phase_diff = _phase(spec[:batch]) - _phase(spec[batch:])
+            d_phase = torch.cat([2 * g_phs * phase_diff, -2 * g_phs * phase_diff])
+            # d arg(X) / d(Re, Im) = (-Im, Re) / |X|^2 = i X / |X|^2 (0 at X = 0, as angle's)
+            coef = torch.where(valid2 & (power > 0), d_phase / power, 0.0)
+            grad = grad + coef * (1j * spec)
+        return grad
 
     @staticmethod
     def recon(recon: torch.Tensor, target: torch.Tensor,
@@ -191,6 +224,38 @@ def _valid_frames(spec: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
     return valid[:, None, :, None]
 
 
+def _filterbank(settings: MRSTFTSettings, index: int, spec: torch.Tensor):
+    dtype = spec.real.dtype
+    return cached(settings, ("filterbank", index, spec.device, dtype), settings.filterbank,
+                  index, spec.device, dtype)
+
+
+def _features(spec: torch.Tensor, frames: torch.Tensor, settings: MRSTFTSettings, index: int):
+    """``(Sx, Sy, scaling)``: the magnitudes the terms are formed from (``[B, C, F, K]`` each:
+    clamped STFT magnitudes, through the mel filterbank with ``scale``; with
+    ``scale_invariance``, ``Sy = alpha Sy0`` and ``scaling = (alpha, Sy0)``, alpha
+    ``[B, C, 1, 1]``, else ``scaling = None``)."""
+    batch = frames.shape[0]
+    feat = (spec.real.square() + spec.imag.square()).clamp(min=settings.eps).sqrt()
+    bank = _filterbank(settings, index, spec)
+    if bank is not None:
+        feat = feat @ bank.T
+    sx, sy = feat[:batch], feat[batch:]
+    if not settings.scale_invariance:
+        return sx, sy, None
+    valid = _valid_frames(spec, frames)
+    alpha = (torch.where(valid, sx * sy, 0.0).sum((2, 3), keepdim=True)
+             / torch.where(valid, sy.square(), 0.0).sum((2, 3), keepdim=True))
+    return sx, alpha * sy, (alpha, sy)
+
+
+def _phase(spec: torch.Tensor) -> torch.Tensor:
+    """``arg X`` by ``atan2`` (``torch.angle``'s value; MPS has no complex ``angle``), with
+    ``arg 0 = 0`` and a gradient-free 0 there."""
+    zero = (spec.real == 0) & (spec.imag == 0)
+    return torch.atan2(spec.imag, torch.where(zero, 1.0, spec.real))
+
+
 # --------------------------------------------------------------------------------------------
 # The STFT term from sums, and its gradient
 # --------------------------------------------------------------------------------------------
@@ -214,14 +279,20 @@ def _term_names(settings: MRSTFTSettings, r: int) -> List[Tuple[int, str, float]
     """``(column of the sums, name, weight)`` of resolution r's terms auraloss computes."""
     return [(column, f"stft_{name}_loss_{r}", weight) for column, name, weight in (
         (0, "sc", settings.w_sc), (2, "log_mag", settings.w_log_mag),
-        (3, "lin_mag", settings.w_lin_mag)) if weight]
+        (3, "lin_mag", settings.w_lin_mag), (4, "phs", settings.w_phs)) if weight]
+
+
+def _count_of(count: torch.Tensor, column: int) -> torch.Tensor:
+    """The count a mean term divides by: the magnitudes' (``K``, mel bins with ``scale``), or
+    the STFT bins' for the phase term (column 4)."""
+    return count[..., 1 if column == 4 else 0]
 
 
 def stft_terms(spectral: List[torch.Tensor], counts: List[torch.Tensor],
                settings: MRSTFTSettings, reduction: str
                ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """``(MRSTFT, per-resolution terms)`` from each resolution's ``[B, 4]`` sums and ``[B]``
-    counts, per example or for the batch (``mean``: ``_batch_sums``). Terms whose weight is 0
+    """``(MRSTFT, per-resolution terms)`` from each resolution's ``[B, 5]`` sums and ``[B, 2]``
+    counts (``_count_of``), per example or for the batch (``mean``: ``_batch_sums``). Terms whose weight is 0
     are left out, as auraloss leaves them."""
     n_res = len(settings.resolutions)
     weights = settings.resolution_weights or (1.0,) * n_res
@@ -235,7 +306,7 @@ def stft_terms(spectral: List[torch.Tensor], counts: List[torch.Tensor],
             if column == 0:
                 term = _norm_of_sum(sums[..., 0]) / sums[..., 1].sqrt()
             else:
-                term = sums[..., column] / count
+                term = sums[..., column] / _count_of(count, column)
             terms[name] = term
             loss_r = loss_r + weight * term
         loss_r = weights[r] * loss_r
@@ -245,12 +316,13 @@ def stft_terms(spectral: List[torch.Tensor], counts: List[torch.Tensor],
 
 def _sums_gradient(sums, count, settings: MRSTFTSettings, r: int, reduction: str,
                    g_mrstft, g_terms: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """``[B, 4]``: the gradient of the incoming ``g_mrstft`` (of MRSTFT) and ``g_terms`` (of
+    """``[B, 5]``: the gradient of the incoming ``g_mrstft`` (of MRSTFT) and ``g_terms`` (of
     resolution r's terms) with respect to its sums ``s_rb``::
 
         c = g_mrstft rw_r w / R + g_term            (each term's incoming coefficient)
         d sc/ds0 = 1 / (2 sqrt(s0) sqrt(s1)) (0 at s0 = 0, torch.norm's)
-        d sc/ds1 = -sqrt(s0) / (2 s1 sqrt(s1)),   d log/ds2 = d lin/ds3 = 1 / K
+        d sc/ds1 = -sqrt(s0) / (2 s1 sqrt(s1)),   d log/ds2 = d lin/ds3 = 1 / K,
+        d phs/ds4 = 1 / K_bins
 
     (``mean``: of the batch's sums, the same for every example)."""
     n_res = len(settings.resolutions)
@@ -269,7 +341,7 @@ def _sums_gradient(sums, count, settings: MRSTFTSettings, r: int, reduction: str
             grad[..., 0] = torch.where(num == 0, 0.0, c / (2 * num * den))
             grad[..., 1] = -c * num / (2 * sums[..., 1] * den)
         else:
-            grad[..., column] = c / count
+            grad[..., column] = c / _count_of(count, column)
     return grad
 
 
@@ -288,8 +360,11 @@ class _STFTTerm(torch.autograd.Function):
         spectral, counts, saved = [], [], []
         for index, res in enumerate(settings.resolutions):
             spec, frames, source = spectra(both, settings, index, lengths, height, width)
-            spectral.append(sums.spectral(spec, frames, settings.eps))
-            counts.append(frames * (channels * (res.n_fft // 2 + 1)))
+            spectral.append(sums.spectral(spec, frames, settings, index))
+            bins = res.n_fft // 2 + 1
+            features = (settings.n_bins[index] if settings.scale else None) or bins
+            counts.append(torch.stack([frames * (channels * features),
+                                       frames * (channels * bins)], 1))
             saved += [spec, frames, source, spectral[-1], counts[-1]]
         mrstft, terms = stft_terms(spectral, counts, settings, reduction)
         ctx.set_materialize_grads(False)
@@ -311,8 +386,9 @@ class _STFTTerm(torch.autograd.Function):
         for index in range(len(settings.resolutions)):
             spec, frames, source, spectral, count = saved[5 * index:5 * index + 5]
             grad_sums = _sums_gradient(spectral, count, settings, index, reduction, g_mrstft,
-                                       g_terms).expand(batch, 4)
-            grad_spec = sums.spectral_grad(spec, frames, settings.eps, grad_sums.contiguous())
+                                       g_terms).expand(batch, 5)
+            grad_spec = sums.spectral_grad(spec, frames, settings, index,
+                                           grad_sums.contiguous())
             grad_r = signal_gradient(grad_spec, settings, index, source, height * width)
             grad = grad_r if grad is None else grad + grad_r
         rows = reached.repeat(2) if reached.dim() else reached
@@ -372,10 +448,14 @@ class _ExampleFreeBitsKL(torch.autograd.Function):
 def mrstft_loss(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings, options: Options,
                 sums) -> torch.Tensor:
     """MRSTFT of ``[B, C, T]`` signals under ``options`` (``lengths``: valid samples of each
-    example's signals) with ``sums`` (``TorchSums`` or the kernels')."""
+    example's signals) with ``sums`` (``TorchSums`` or the kernels'); with
+    ``options.per_resolution_terms``, ``(MRSTFT, per-resolution terms)``."""
     dtype = compute_dtype(x, y)
     x, y = (t.to(dtype)[:, :, None, :] for t in (x, y))
-    mrstft, _ = _stft_term(x, y, settings, options.reduction, options.lengths, sums)
+    mrstft, terms = _stft_term(x, y, settings, options.reduction, options.lengths, sums)
+    if options.per_resolution_terms:
+        return _entry(mrstft, options.reduction), {
+            name: _entry(term, options.reduction) for name, term in terms.items()}
     return _entry(mrstft, options.reduction)
 
 

@@ -16,19 +16,42 @@ from ..core.settings import MRSTFTSettings
 
 
 def auraloss_module(settings: MRSTFTSettings) -> auraloss.freq.MultiResolutionSTFTLoss:
-    """The auraloss module computing ``settings`` (built once per settings object)."""
+    """The auraloss module computing ``settings`` (built once per settings object): one
+    ``STFTLoss`` per resolution with every option of ``settings``, each with its own
+    ``n_bins`` (auraloss's module takes one for all)."""
     module = settings.cache.get("auraloss")
     if module is None:
         module = auraloss.freq.MultiResolutionSTFTLoss(
             fft_sizes=[r.n_fft for r in settings.resolutions],
             hop_sizes=[r.hop for r in settings.resolutions],
-            win_lengths=[r.win_length for r in settings.resolutions],
-            w_sc=settings.w_sc, w_log_mag=settings.w_log_mag, w_lin_mag=settings.w_lin_mag,
-            eps=settings.eps,
-        )
+            win_lengths=[r.win_length for r in settings.resolutions])
+        stft_loss = (PerSignalScaleSTFTLoss if settings.scale_invariance
+                     else auraloss.freq.STFTLoss)
+        module.stft_losses = torch.nn.ModuleList(
+            stft_loss(
+                r.n_fft, r.hop, r.win_length, w_sc=settings.w_sc,
+                w_log_mag=settings.w_log_mag, w_lin_mag=settings.w_lin_mag,
+                w_phs=settings.w_phs, sample_rate=settings.sample_rate, scale=settings.scale,
+                n_bins=n_bins, perceptual_weighting=settings.perceptual_weighting,
+                scale_invariance=settings.scale_invariance, eps=settings.eps,
+                mag_distance=settings.mag_distance)
+            for r, n_bins in zip(settings.resolutions, settings.n_bins or
+                                 (None,) * len(settings.resolutions)))
         for loss, window in zip(module.stft_losses, settings.windows):
             loss.window = window
         settings.cache["auraloss"] = module
+    return module
+
+
+def in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module`` with its filterbanks and FIR taps in ``dtype`` (auraloss keeps them in float32
+    and fails on float64 signals; the float32 values convert exactly)."""
+    for loss in module.modules():
+        if isinstance(getattr(loss, "fb", None), torch.Tensor) and loss.fb.dtype != dtype:
+            loss.fb = loss.fb.to(dtype)
+        prefilter = getattr(loss, "prefilter", None)
+        if prefilter is not None and prefilter.fir.weight.dtype != dtype:
+            prefilter.fir.to(dtype)
     return module
 
 
@@ -37,7 +60,7 @@ def mrstft_loss(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings, *,
     """auraloss's MRSTFT (``torch.stft`` per resolution: ``fft_grouping`` does not apply), or
     ``max(MRSTFT, 0)`` with ``clamped``."""
     dtype = compute_dtype(x, y)
-    loss = auraloss_module(settings)(x.to(dtype), y.to(dtype))
+    loss = in_dtype(auraloss_module(settings), dtype)(x.to(dtype), y.to(dtype))
     return torch.clamp(loss, min=0.0) if clamped else loss
 
 
@@ -108,12 +131,13 @@ def _stft_with_terms(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings)
     """``(MRSTFT, per-resolution terms)`` of ``[B, C, T]`` signals: auraloss's resolutions, each
     weighted by its resolution weight."""
     mrstft, terms = 0.0, {}
-    for r, (loss, weight) in enumerate(zip(_full_module(settings).stft_losses,
+    for r, (loss, weight) in enumerate(zip(in_dtype(_full_module(settings), x.dtype).stft_losses,
                                            _resolution_weights(settings))):
-        loss_r, sc, log_mag, lin_mag, _ = loss(x, y)
+        loss_r, sc, log_mag, lin_mag, phs = loss(x, y)
         mrstft = mrstft + weight * loss_r
         for name, term, w in (("sc", sc, settings.w_sc), ("log_mag", log_mag, settings.w_log_mag),
-                              ("lin_mag", lin_mag, settings.w_lin_mag)):
+                              ("lin_mag", lin_mag, settings.w_lin_mag),
+                              ("phs", phs, settings.w_phs)):
             if w:
                 terms[f"stft_{name}_loss_{r}"] = term
     return mrstft / len(settings.resolutions), terms
@@ -121,31 +145,72 @@ def _stft_with_terms(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings)
 
 def _batch_stft_over_crops(xs, ys, settings: MRSTFTSettings):
     """The batch-level ``(MRSTFT, terms)`` over signals of different lengths (``[C, n_b]``
-    each): every resolution's norms, sums and counts over all of them, magnitudes from
-    auraloss's own ``STFTLoss.stft``."""
+    each): every resolution's norms, sums and counts over all of them, magnitudes and phases
+    from auraloss's own steps (``magnitudes_as_auraloss``)."""
     mrstft, terms = 0.0, {}
-    for r, (loss, weight) in enumerate(zip(auraloss_module(settings).stft_losses,
-                                           _resolution_weights(settings))):
-        num2 = den2 = log_sum = lin_sum = 0.0
-        count = 0
+    distance = torch.square if settings.mag_distance == "L2" else torch.abs
+    module = in_dtype(auraloss_module(settings), xs[0].dtype)
+    for r, (loss, weight) in enumerate(zip(module.stft_losses, _resolution_weights(settings))):
+        num2 = den2 = log_sum = lin_sum = phs_sum = 0.0
+        count = bins = 0
         for x, y in zip(xs, ys):
-            loss.window = loss.window.to(x.device)
-            x_mag, _ = loss.stft(x)
-            y_mag, _ = loss.stft(y)
+            x_mag, y_mag, x_phs, y_phs = magnitudes_as_auraloss(loss, x, y)
             num2 = num2 + torch.norm(y_mag - x_mag, p="fro") ** 2
             den2 = den2 + torch.norm(y_mag, p="fro") ** 2
-            log_sum = log_sum + (torch.log(y_mag) - torch.log(x_mag)).abs().sum()
-            lin_sum = lin_sum + (y_mag - x_mag).abs().sum()
+            log_sum = log_sum + distance(torch.log(y_mag) - torch.log(x_mag)).sum()
+            lin_sum = lin_sum + distance(y_mag - x_mag).sum()
+            phs_sum = phs_sum + (x_phs - y_phs).square().sum()
             count += x_mag.numel()
+            bins += x_phs.numel()
         loss_r = 0.0
         for name, term, w in (("sc", num2.sqrt() / den2.sqrt(), settings.w_sc),
                               ("log_mag", log_sum / count, settings.w_log_mag),
-                              ("lin_mag", lin_sum / count, settings.w_lin_mag)):
+                              ("lin_mag", lin_sum / count, settings.w_lin_mag),
+                              ("phs", phs_sum / bins, settings.w_phs)):
             if w:
                 terms[f"stft_{name}_loss_{r}"] = term
                 loss_r = loss_r + w * term
         mrstft = mrstft + weight * loss_r
     return mrstft / len(settings.resolutions), terms
+
+
+def magnitudes_as_auraloss(loss: auraloss.freq.STFTLoss, x: torch.Tensor, y: torch.Tensor):
+    """``(x_mag, y_mag, x_phs, y_phs)`` of signals ``[S, n]`` as ``loss.forward`` forms them
+    before its terms: A-weighting, STFT, filterbank, and scale invariance with one alpha per
+    signal (``[S]``: auraloss 0.4.0 writes ``alpha.unsqueeze(-1)``, which multiplies bin j by
+    signal j's alpha, or fails, unless S = 1)."""
+    if loss.perceptual_weighting:
+        loss.prefilter.to(x.device)
+        x, y = (t[:, 0] for t in loss.prefilter(x[:, None], y[:, None]))
+    loss.window = loss.window.to(x.device)
+    x_mag, x_phs = loss.stft(x)
+    y_mag, y_phs = loss.stft(y)
+    if loss.scale is not None:
+        loss.fb = loss.fb.to(x.device)
+        x_mag, y_mag = torch.matmul(loss.fb, x_mag), torch.matmul(loss.fb, y_mag)
+    if loss.scale_invariance:
+        alpha = (x_mag * y_mag).sum([-2, -1]) / (y_mag**2).sum([-2, -1])
+        y_mag = y_mag * alpha[:, None, None]
+    return x_mag, y_mag, x_phs, y_phs
+
+
+class PerSignalScaleSTFTLoss(auraloss.freq.STFTLoss):
+    """auraloss's ``STFTLoss`` with ``scale_invariance``'s alpha per signal (the oracle of
+    that option: ``magnitudes_as_auraloss``); the rest of its ``forward`` as auraloss has it."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor):
+        x_mag, y_mag, x_phs, y_phs = magnitudes_as_auraloss(
+            self, input.reshape(-1, input.size(-1)), target.reshape(-1, target.size(-1)))
+        sc_mag_loss = self.spectralconv(x_mag, y_mag) if self.w_sc else 0.0
+        log_mag_loss = self.logstft(x_mag, y_mag) if self.w_log_mag else 0.0
+        lin_mag_loss = self.linstft(x_mag, y_mag) if self.w_lin_mag else 0.0
+        phs_loss = torch.nn.functional.mse_loss(x_phs, y_phs) if self.w_phs else 0.0
+        loss = (self.w_sc * sc_mag_loss + self.w_log_mag * log_mag_loss
+                + self.w_lin_mag * lin_mag_loss + self.w_phs * phs_loss)
+        loss = auraloss.utils.apply_reduction(loss, reduction=self.reduction)
+        if self.output == "full":
+            return loss, sc_mag_loss, log_mag_loss, lin_mag_loss, phs_loss
+        return loss
 
 
 def _lengths_list(lengths, batch: int, width: int):
@@ -167,17 +232,26 @@ def _as_reduction(losses, reduction):
 
 def mrstft_loss_per_example(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings,
                             options) -> torch.Tensor:
-    """The module's loss under ``options`` (``per_example.Options``), by definition."""
+    """The module's loss under ``options`` (``per_example.Options``), by definition, and with
+    ``options.per_resolution_terms`` its per-resolution terms: ``(loss, terms)``. Without
+    lengths, ``mean`` is auraloss's own module, bit for bit."""
     dtype = compute_dtype(x, y)
     x, y = x.to(dtype), y.to(dtype)
     lengths = _lengths_list(options.lengths, x.shape[0], x.shape[-1])
-    if options.reduction == "mean":
+    if options.reduction == "mean" and options.lengths is None:
+        loss, terms = _stft_with_terms(x, y, settings)
+    elif options.reduction == "mean":
         xs = [x[b, :, :n] for b, n in enumerate(lengths)]
         ys = [y[b, :, :n] for b, n in enumerate(lengths)]
-        return _batch_stft_over_crops(xs, ys, settings)[0]
-    losses = torch.stack([_stft_with_terms(_crop(x, b, n), _crop(y, b, n), settings)[0]
-                          for b, n in enumerate(lengths)])
-    return losses.sum(0) if options.reduction == "sum" else losses
+        loss, terms = _batch_stft_over_crops(xs, ys, settings)
+    else:
+        entries = [_stft_with_terms(_crop(x, b, n), _crop(y, b, n), settings)
+                   for b, n in enumerate(lengths)]
+        losses = _as_reduction(_stacked([{"loss": loss, **terms} for loss, terms in entries]),
+                               options.reduction)
+        loss = losses.pop("loss")
+        terms = losses
+    return (loss, terms) if options.per_resolution_terms else loss
 
 
 def _combined_of(recon, target, mu, logvar, config, kl_weight, settings, terms_of):

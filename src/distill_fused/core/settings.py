@@ -13,6 +13,18 @@ each resolution ``(n_fft, hop, win)`` (auraloss 0.4.0's definition)::
     MRSTFT(x, y) = (1/R) sum_r rw_r L_r
 
 with per-resolution weights ``rw_r``, all 1 by default (then it is auraloss's ``mean_r L_r``).
+
+auraloss's other options change the magnitudes the terms are formed from, or add a term:
+
+    scale="mel":  |X| -> W_r |X| per frame (``W_r``: resolution r's mel filterbank,
+                  ``[n_bins_r, n//2+1]``, ``core/filterbanks.py``); the terms then run over
+                  the mel bins
+    mag_distance="L2":  log_mag = mean (ln|X| - ln|Y|)^2, lin_mag = mean (|X| - |Y|)^2
+    w_phs:  + w_phs * mean (arg X - arg Y)^2 over the bins (raw STFT, not mel)
+    scale_invariance:  |Y| -> alpha |Y|, alpha = sum |X||Y| / sum |Y|^2 over each signal's
+                  frames and bins (auraloss 0.4.0 means this, but broadcasts alpha over the
+                  bins axis: see docs/loss.md)
+    perceptual_weighting, scale="chroma":  computed by auraloss itself (``delegated``)
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from .config import as_sizes, as_weights
+from .filterbanks import mel_filterbank
 
 
 @dataclass(frozen=True)
@@ -45,6 +58,16 @@ class MRSTFTSettings:
     eps: float = 1e-8
     # Per-resolution weights ``rw_r``; ``None``: all 1 (auraloss's mean over resolutions).
     resolution_weights: Optional[Tuple[float, ...]] = None
+    w_phs: float = 0.0
+    mag_distance: str = "L1"
+    scale: Optional[str] = None
+    sample_rate: Optional[float] = None
+    # Bins of each resolution's filterbank (``scale`` set), else ``None`` each.
+    n_bins: Tuple[Optional[int], ...] = ()
+    perceptual_weighting: bool = False
+    scale_invariance: bool = False
+    # Each resolution's mel filterbank, float32 as librosa's (``scale="mel"``), else ``None``.
+    filterbanks: Tuple[Optional[torch.Tensor], ...] = ()
     # Per-device derived tensors (padded windows, ...) so that a step makes no host copies.
     cache: dict = field(default_factory=dict, repr=False)
 
@@ -54,6 +77,19 @@ class MRSTFTSettings:
         those: ``backends/per_example.py``)."""
         return self.resolution_weights is not None and any(
             w != 1.0 for w in self.resolution_weights)
+
+    @property
+    def delegated(self) -> bool:
+        """Whether auraloss itself computes the loss (the ``reference`` backend, on every
+        backend): options without a fast path here."""
+        return self.perceptual_weighting or self.scale == "chroma"
+
+    @property
+    def plain(self) -> bool:
+        """Whether only the terms of the default path are asked for (L1 distances on the
+        STFT's own bins, no phase term, no scaling): the fused paths compute those."""
+        return (not self.w_phs and self.mag_distance == "L1" and self.scale is None
+                and not self.scale_invariance and not self.perceptual_weighting)
 
     @property
     def min_length(self) -> int:
@@ -67,6 +103,11 @@ class MRSTFTSettings:
         window = window.to(device=device, dtype=dtype)
         return torch.nn.functional.pad(window, (left, res.n_fft - res.win_length - left))
 
+    def filterbank(self, index: int, device, dtype) -> Optional[torch.Tensor]:
+        """Resolution ``index``'s mel filterbank on ``device`` in ``dtype`` (``None``: none)."""
+        bank = self.filterbanks[index] if self.filterbanks else None
+        return None if bank is None else bank.to(device=device, dtype=dtype)
+
 
 def make_settings(
     fft_sizes: Sequence[int],
@@ -78,10 +119,19 @@ def make_settings(
     w_lin_mag: float = 0.0,
     eps: float = 1e-8,
     resolution_weights: Optional[Sequence[float]] = None,
+    *,
+    w_phs: float = 0.0,
+    sample_rate: Optional[float] = None,
+    scale: Optional[str] = None,
+    n_bins=None,
+    perceptual_weighting: bool = False,
+    scale_invariance: bool = False,
+    mag_distance: str = "L1",
 ) -> MRSTFTSettings:
     """Validated settings; windows are built like auraloss builds them (torch's default dtype).
     Sizes may be any sequence of ints (numpy integers included); weights any real numbers;
-    ``resolution_weights`` one finite weight >= 0 per resolution (or ``None``: all 1)."""
+    ``resolution_weights`` one finite weight >= 0 per resolution (or ``None``: all 1);
+    ``n_bins`` one int for every resolution (auraloss's) or one per resolution."""
     owner = "MultiResolutionSTFTLoss"
     fft_sizes, hop_sizes, win_lengths = (as_sizes(owner, name, values) for name, values in (
         ("fft_sizes", fft_sizes), ("hop_sizes", hop_sizes), ("win_lengths", win_lengths)))
@@ -99,7 +149,7 @@ def make_settings(
         raise ValueError(f"window must name a torch window function such as 'hann_window', "
                          f"got {window!r}")
     for name, value in (("w_sc", w_sc), ("w_log_mag", w_log_mag), ("w_lin_mag", w_lin_mag),
-                        ("eps", eps)):
+                        ("w_phs", w_phs), ("eps", eps)):
         if not isinstance(value, numbers.Real) or isinstance(value, bool) or value != value:
             raise ValueError(f"{owner}.{name} must be a real number, got {value!r}")
     if eps <= 0:
@@ -107,12 +157,54 @@ def make_settings(
     if resolution_weights is not None:
         resolution_weights = as_weights(owner, "resolution_weights", resolution_weights,
                                         len(fft_sizes))
+    if mag_distance not in ("L1", "L2"):
+        raise ValueError(f"{owner}.mag_distance must be 'L1' or 'L2', got {mag_distance!r}")
+    for name, value in (("perceptual_weighting", perceptual_weighting),
+                        ("scale_invariance", scale_invariance)):
+        if not isinstance(value, (bool, int)) or value not in (0, 1):
+            raise ValueError(f"{owner}.{name} must be True or False, got {value!r}")
+    bins = _scale_bins(owner, scale, sample_rate, n_bins, fft_sizes, perceptual_weighting)
     return MRSTFTSettings(
         resolutions=tuple(Resolution(*r) for r in zip(fft_sizes, hop_sizes, win_lengths)),
         windows=tuple(window_fn(w) for w in win_lengths),
         w_sc=float(w_sc), w_log_mag=float(w_log_mag), w_lin_mag=float(w_lin_mag), eps=float(eps),
-        resolution_weights=resolution_weights,
+        resolution_weights=resolution_weights, w_phs=float(w_phs), mag_distance=mag_distance,
+        scale=scale, sample_rate=sample_rate, n_bins=bins,
+        perceptual_weighting=bool(perceptual_weighting),
+        scale_invariance=bool(scale_invariance),
+        filterbanks=tuple(mel_filterbank(sample_rate, n_fft, n) if scale == "mel" else None
+                          for n_fft, n in zip(fft_sizes, bins)),
     )
+
+
+def _scale_bins(owner: str, scale, sample_rate, n_bins, fft_sizes, perceptual_weighting
+                ) -> Tuple[Optional[int], ...]:
+    """Each resolution's filterbank size (``None`` each without ``scale``), checked as
+    auraloss checks them (there with bare asserts)."""
+    if scale not in (None, "mel", "chroma"):
+        raise ValueError(f"Invalid scale: {scale!r}. Must be 'mel' or 'chroma' (or None).")
+    needs_rate = scale is not None or perceptual_weighting
+    if needs_rate and (not isinstance(sample_rate, numbers.Real) or isinstance(sample_rate, bool)
+                       or not sample_rate > 0):
+        why = f"scale={scale!r}" if scale is not None else "perceptual_weighting=True"
+        raise ValueError(f"{owner}.sample_rate must be a positive number with {why}, got "
+                         f"{sample_rate!r}")
+    if scale is None:
+        return (None,) * len(fft_sizes)
+    if isinstance(n_bins, numbers.Integral) and not isinstance(n_bins, bool):
+        n_bins = (n_bins,) * len(fft_sizes)
+    if n_bins is None:
+        raise ValueError(f"{owner}.n_bins must be given with scale={scale!r} (one int, or one "
+                         "per resolution)")
+    bins = as_sizes(owner, "n_bins", n_bins)
+    if len(bins) != len(fft_sizes):
+        raise ValueError(f"{owner}.n_bins: one int, or one per resolution ({len(fft_sizes)}), "
+                         f"got {len(bins)}")
+    for n, n_fft in zip(bins, fft_sizes):
+        if n > n_fft:
+            raise ValueError(f"{owner}.n_bins: {n} bins for fft_size {n_fft} (at most fft_size, "
+                             "as auraloss asserts)")
+    return bins
 
 
 def settings_from_auraloss(module) -> Optional[MRSTFTSettings]:
