@@ -39,10 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..core.gradients import first_order_only
-from ..core.settings import MRSTFTSettings
-from . import stft_options
-from ._common import device_constants, empty, is_wide, kernel_op, signum, tl_dtype, wrap_triton
+from ._common import empty, is_wide, kernel_op, signum, tl_dtype, wrap_triton
 from .stft_spectral import _magnitudes, spectral_terms
 
 BLOCK = 1024
@@ -369,59 +366,3 @@ def example_recon_grad_op(recon: torch.Tensor, target: torch.Tensor,
         HAS_LENGTHS=lengths is not None, GRAD_TARGET=grad_target, ACC=tl_dtype(recon.dtype),
         BLOCK=BLOCK, WIDE=is_wide(BLOCK, recon, target, grad_recon), num_warps=8)
     return grad_recon, grad_tgt
-
-
-# --------------------------------------------------------------------------------------------
-# Autograd
-# --------------------------------------------------------------------------------------------
-
-class _ReconSums(torch.autograd.Function):
-    @staticmethod
-    def forward(recon, target, lengths):
-        return example_recon_sums_op(recon, target, lengths).sum(1)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        recon, target, lengths = inputs
-        ctx.save_for_backward(recon, target, lengths)
-
-    @staticmethod
-    def backward(ctx, grad_sums):
-        recon, target, lengths = ctx.saved_tensors
-        grad_target = ctx.needs_input_grad[1]
-        with torch.no_grad():
-            grad_recon, grad_tgt = example_recon_grad_op(
-                recon, target, lengths, grad_sums.to(torch.float64).contiguous(), grad_target)
-        grads = first_order_only("triton", (grad_recon if ctx.needs_input_grad[0] else None,
-                                            grad_tgt if grad_target else None), (recon, target))
-        return (*grads, None)
-
-
-class TritonSums:
-    """The ``triton`` backend's sums (``per_example.TorchSums``'s interface)."""
-
-    name = "triton"
-
-    @staticmethod
-    def spectral(spec: torch.Tensor, frames: torch.Tensor, settings: MRSTFTSettings,
-                 index: int) -> torch.Tensor:
-        if not settings.plain:
-            return stft_options.spectral_sums(spec, frames, settings, index)
-        params = device_constants((settings.eps,), spec.device)
-        sums = example_spectral_sums_op(torch.view_as_real(spec), frames, params).sum(1)
-        return torch.cat([sums, torch.zeros_like(sums[:, :1])], 1)  # no phase term
-
-    @staticmethod
-    def spectral_grad(spec: torch.Tensor, frames: torch.Tensor, settings: MRSTFTSettings,
-                      index: int, grad_sums: torch.Tensor) -> torch.Tensor:
-        if not settings.plain:
-            return stft_options.spectral_grad(spec, frames, settings, index, grad_sums)
-        params = device_constants((settings.eps,), spec.device)
-        grad = example_spectral_grad_op(torch.view_as_real(spec), frames, params,
-                                        grad_sums[:, :4].contiguous())
-        return torch.view_as_complex(grad)
-
-    @staticmethod
-    def recon(recon: torch.Tensor, target: torch.Tensor,
-              lengths: Optional[torch.Tensor]) -> torch.Tensor:
-        return _ReconSums.apply(recon, target, lengths)

@@ -89,7 +89,8 @@ class MultiResolutionSTFTLoss(torch.nn.Module):
         self.fft_sizes = [r.n_fft for r in s.resolutions]
         self.hop_sizes = [r.hop for r in s.resolutions]
         self.win_lengths = [r.win_length for r in s.resolutions]
-        self.w_sc, self.w_log_mag, self.w_lin_mag, self.eps = s.w_sc, s.w_log_mag, s.w_lin_mag, s.eps
+        self.w_sc, self.w_log_mag, self.w_lin_mag = s.w_sc, s.w_log_mag, s.w_lin_mag
+        self.eps, self.w_phs = s.eps, s.w_phs
         self.resolution_weights = s.resolution_weights
         if output not in ("loss", "full"):
             raise ValueError(f"output must be 'loss' or 'full' (auraloss's), got {output!r}")

@@ -40,7 +40,7 @@ and then, for each entry, ``MRSTFT = (1/R) sum_r rw_r (w_sc sc_r + w_log log_r +
 
 Gradients: the STFT term's and the KL's in closed form (``_STFTTerm``, ``_ExampleFreeBitsKL``:
 an entry that no gradient reaches gets exactly 0 from them, as the non-finite guard needs),
-the sums' by the backend (``TorchSums`` below, ``kernels/per_example.py``), the formulas on
+the sums' by the backend (``TorchSums`` below, ``kernels/example_sums.py``), the formulas on
 ``[B]``-sized sums by autograd. No padded sample is read, so the gradient on padding is exactly
 0. ``lengths`` stay on the device: nothing here reads a value back.
 """
@@ -132,7 +132,7 @@ def signal_gradient(grad_spec: torch.Tensor, settings: MRSTFTSettings, index: in
 
 
 # --------------------------------------------------------------------------------------------
-# The sums and their gradients, in torch (the triton backend's: kernels/per_example.py)
+# The sums and their gradients, in torch (the triton backend's: kernels/example_sums.py)
 # --------------------------------------------------------------------------------------------
 
 class TorchSums:
@@ -143,33 +143,28 @@ class TorchSums:
     @staticmethod
     def spectral(spec: torch.Tensor, frames: torch.Tensor, settings: MRSTFTSettings,
                  index: int) -> torch.Tensor:
-        """``[B, 5]`` spectral sums ``s_rb`` of ``spec`` ``[2B, C, F, bins]`` (resolution
-        ``index``) over each example's first ``frames[b]`` frames."""
-        batch = frames.shape[0]
-        valid = _valid_frames(spec, frames)
+        """``[B, 4]`` spectral sums ``s_rb`` (without the phase's) of ``spec``
+        ``[2B, C, F, bins]`` (resolution ``index``) over each example's first ``frames[b]``
+        frames."""
         sx, sy, _ = _features(spec, frames, settings, index)
         diff = sx - sy
         distance = torch.square if settings.mag_distance == "L2" else torch.abs
         terms = torch.stack([diff.square(), sy.square(), distance(torch.log(sx / sy)),
                              distance(diff)])
-        sums = torch.where(valid[None], terms, 0.0).sum((2, 3, 4)).T
-        phase = torch.zeros_like(sums[:, :1])
-        if settings.w_phs:
-            phase_diff = _phase(spec[:batch]) - _phase(spec[batch:])
-            phase = torch.where(valid, phase_diff.square(), 0.0).sum((1, 2, 3))[:, None]
-        return torch.cat([sums, phase], 1)
+        return torch.where(_valid_frames(spec, frames)[None], terms, 0.0).sum((2, 3, 4)).T
 
     @staticmethod
     def spectral_grad(spec: torch.Tensor, frames: torch.Tensor, settings: MRSTFTSettings,
                       index: int, grad_sums: torch.Tensor) -> torch.Tensor:
         """``dL/dX`` (complex, ``spec``'s shape) for the sums' gradients ``grad_sums``
-        ``[B, 5]`` (``kernels/per_example.py`` and ``kernels/stft_options.py`` have the
-        formulas)."""
-        batch = frames.shape[0]
+        ``[B, 4]`` (``kernels/per_example.py`` and ``kernels/stft_options.py`` have the
+        formulas; scale invariance: ``sy = alpha sy0``, ``dL/dalpha = <dL/dsy, sy0>``, then
+        ``dL/dsx += dL/dalpha sy0 / |sy0|^2`` and ``dL/dsy0 = alpha dL/dsy + dL/dalpha
+        (sx - 2 sy) / |sy0|^2`` per signal)."""
         eps = settings.eps
         valid = _valid_frames(spec, frames)
         sx, sy, scaling = _features(spec, frames, settings, index)
-        g_d2, g_sy, g_log, g_d, g_phs = (g[:, None, None, None] for g in grad_sums.unbind(1))
+        g_d2, g_sy, g_log, g_d = (g[:, None, None, None] for g in grad_sums.unbind(1))
         diff = sx - sy
         if settings.mag_distance == "L2":
             slope_log, slope_d = 2 * torch.log(sx / sy), 2 * diff
@@ -184,20 +179,12 @@ class TorchSums:
             d_alpha = (d_sy * sy0).sum((2, 3), keepdim=True)
             d_sx = d_sx + torch.where(valid, d_alpha * sy0 / norm2, 0.0)
             d_sy = alpha * d_sy + torch.where(valid, d_alpha * (sx - 2 * sy) / norm2, 0.0)
-        bank = _filterbank(settings, index, spec)
+        bank = settings.filterbank(index, spec.device, spec.real.dtype)
         d_feat = torch.cat([d_sx, d_sy])
         d_mag = d_feat if bank is None else d_feat @ bank
         power = spec.real.square() + spec.imag.square()
         mag = power.clamp(min=eps).sqrt()
-        grad = torch.where(power >= eps, d_mag / mag, 0.0) * spec
-        if settings.w_phs:
-            valid2 = valid.repeat(2, 1, 1, 1)
-            phase_diff = _phase(spec[:batch]) - _phase(spec[batch:])
-            d_phase = torch.cat([2 * g_phs * phase_diff, -2 * g_phs * phase_diff])
-            # d arg(X) / d(Re, Im) = (-Im, Re) / |X|^2 = i X / |X|^2 (0 at X = 0, as angle's)
-            coef = torch.where(valid2 & (power > 0), d_phase / power, 0.0)
-            grad = grad + coef * (1j * spec)
-        return grad
+        return torch.where(power >= eps, d_mag / mag, 0.0) * spec
 
     @staticmethod
     def recon(recon: torch.Tensor, target: torch.Tensor,
@@ -224,12 +211,6 @@ def _valid_frames(spec: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
     return valid[:, None, :, None]
 
 
-def _filterbank(settings: MRSTFTSettings, index: int, spec: torch.Tensor):
-    dtype = spec.real.dtype
-    return cached(settings, ("filterbank", index, spec.device, dtype), settings.filterbank,
-                  index, spec.device, dtype)
-
-
 def _features(spec: torch.Tensor, frames: torch.Tensor, settings: MRSTFTSettings, index: int):
     """``(Sx, Sy, scaling)``: the magnitudes the terms are formed from (``[B, C, F, K]`` each:
     clamped STFT magnitudes, through the mel filterbank with ``scale``; with
@@ -237,7 +218,7 @@ def _features(spec: torch.Tensor, frames: torch.Tensor, settings: MRSTFTSettings
     ``[B, C, 1, 1]``, else ``scaling = None``)."""
     batch = frames.shape[0]
     feat = (spec.real.square() + spec.imag.square()).clamp(min=settings.eps).sqrt()
-    bank = _filterbank(settings, index, spec)
+    bank = settings.filterbank(index, spec.device, spec.real.dtype)
     if bank is not None:
         feat = feat @ bank.T
     sx, sy = feat[:batch], feat[batch:]
@@ -251,9 +232,31 @@ def _features(spec: torch.Tensor, frames: torch.Tensor, settings: MRSTFTSettings
 
 def _phase(spec: torch.Tensor) -> torch.Tensor:
     """``arg X`` by ``atan2`` (``torch.angle``'s value; MPS has no complex ``angle``), with
-    ``arg 0 = 0`` and a gradient-free 0 there."""
+    ``arg 0 = 0``."""
     zero = (spec.real == 0) & (spec.imag == 0)
     return torch.atan2(spec.imag, torch.where(zero, 1.0, spec.real))
+
+
+def phase_sums(spec: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """``[B]``: ``sum (arg X - arg Y)^2`` over each example's first ``frames[b]`` frames (the
+    phase term's sum, in torch on every backend: see ``kernels/stft_options.py``)."""
+    batch = frames.shape[0]
+    diff = _phase(spec[:batch]) - _phase(spec[batch:])
+    return torch.where(_valid_frames(spec, frames), diff.square(), 0.0).sum((1, 2, 3))
+
+
+def phase_grad(spec: torch.Tensor, frames: torch.Tensor, grad_sum: torch.Tensor
+               ) -> torch.Tensor:
+    """``dL/dX`` of ``phase_sums`` for its gradient ``grad_sum`` ``[B]``: ``d arg X =
+    i X / |X|^2`` (0 at X = 0, as ``torch.angle``'s backward), so ``dL/dX = 2 g (arg X -
+    arg Y) i X / |X|^2`` and ``dL/dY = -2 g (arg X - arg Y) i Y / |Y|^2``."""
+    batch = frames.shape[0]
+    diff = _phase(spec[:batch]) - _phase(spec[batch:])
+    d_phase = 2 * grad_sum[:, None, None, None] * diff
+    power = spec.real.square() + spec.imag.square()
+    valid = _valid_frames(spec, frames).repeat(2, 1, 1, 1)
+    coef = torch.where(valid & (power > 0), torch.cat([d_phase, -d_phase]) / power, 0.0)
+    return coef * (1j * spec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,8 +295,8 @@ def stft_terms(spectral: List[torch.Tensor], counts: List[torch.Tensor],
                settings: MRSTFTSettings, reduction: str
                ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """``(MRSTFT, per-resolution terms)`` from each resolution's ``[B, 5]`` sums and ``[B, 2]``
-    counts (``_count_of``), per example or for the batch (``mean``: ``_batch_sums``). Terms whose weight is 0
-    are left out, as auraloss leaves them."""
+    counts (``_count_of``), per example or for the batch (``mean``: ``_batch_sums``). Terms
+    whose weight is 0 are left out, as auraloss leaves them."""
     n_res = len(settings.resolutions)
     weights = settings.resolution_weights or (1.0,) * n_res
     mrstft = None
@@ -345,6 +348,26 @@ def _sums_gradient(sums, count, settings: MRSTFTSettings, r: int, reduction: str
     return grad
 
 
+def _spectral_sums(spec, frames, settings: MRSTFTSettings, index: int, sums) -> torch.Tensor:
+    """``[B, 5]``: the backend's four sums (torch's with ``scale_invariance``: its alpha
+    couples every element of a signal, no fast path), and the phase's (0 without ``w_phs``)."""
+    magnitude = (TorchSums if settings.scale_invariance else sums).spectral(
+        spec, frames, settings, index)
+    phase = (phase_sums(spec, frames) if settings.w_phs
+             else torch.zeros_like(magnitude[:, 0]))
+    return torch.cat([magnitude, phase[:, None]], 1)
+
+
+def _spectral_grad(spec, frames, settings: MRSTFTSettings, index: int, sums,
+                   grad_sums: torch.Tensor) -> torch.Tensor:
+    """``dL/dX`` for the ``[B, 5]`` gradients of ``_spectral_sums``."""
+    grad = (TorchSums if settings.scale_invariance else sums).spectral_grad(
+        spec, frames, settings, index, grad_sums[:, :4].contiguous())
+    if settings.w_phs:
+        grad = grad + phase_grad(spec, frames, grad_sums[:, 4])
+    return grad
+
+
 class _STFTTerm(torch.autograd.Function):
     """The STFT term of ``[B, C, H, W]`` signals (MRSTFT per example, or of the batch for
     ``mean``) and its per-resolution terms; sums by ``sums``. Backward, from the saved
@@ -360,7 +383,7 @@ class _STFTTerm(torch.autograd.Function):
         spectral, counts, saved = [], [], []
         for index, res in enumerate(settings.resolutions):
             spec, frames, source = spectra(both, settings, index, lengths, height, width)
-            spectral.append(sums.spectral(spec, frames, settings, index))
+            spectral.append(_spectral_sums(spec, frames, settings, index, sums))
             bins = res.n_fft // 2 + 1
             features = (settings.n_bins[index] if settings.scale else None) or bins
             counts.append(torch.stack([frames * (channels * features),
@@ -387,8 +410,7 @@ class _STFTTerm(torch.autograd.Function):
             spec, frames, source, spectral, count = saved[5 * index:5 * index + 5]
             grad_sums = _sums_gradient(spectral, count, settings, index, reduction, g_mrstft,
                                        g_terms).expand(batch, 5)
-            grad_spec = sums.spectral_grad(spec, frames, settings, index,
-                                           grad_sums.contiguous())
+            grad_spec = _spectral_grad(spec, frames, settings, index, sums, grad_sums)
             grad_r = signal_gradient(grad_spec, settings, index, source, height * width)
             grad = grad_r if grad is None else grad + grad_r
         rows = reached.repeat(2) if reached.dim() else reached

@@ -7,7 +7,7 @@ selection treats an ``ImportError`` here as "not available".
 (the fused reconstruction and KL ops, the callable called as given, the terms assembled in
 torch by ``assemble.py``). ``reduction``, ``lengths`` and per-resolution terms or weights take
 the per-example path (``per_example.py``) with the per-example sums of
-``kernels/per_example.py``.
+``kernels/example_sums.py``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import triton  # noqa: F401  (fail here, at selection, when Triton is missing)
 from ..core.outputs import Combined
 from ..core.settings import MRSTFTSettings
 from ..kernels import combined
+from ..kernels.example_sums import TritonSums
 from ..kernels.kl import free_bits_kl
 from ..kernels.mrstft import mrstft_loss
-from ..kernels.per_example import TritonSums
 from ..kernels.recon import recon_terms
 from . import per_example
 from .assemble import assemble_combined_loss

@@ -37,6 +37,7 @@ import torch
 
 from .config import as_sizes, as_weights
 from .filterbanks import mel_filterbank
+from .tracing import tracing
 
 
 @dataclass(frozen=True)
@@ -104,9 +105,19 @@ class MRSTFTSettings:
         return torch.nn.functional.pad(window, (left, res.n_fft - res.win_length - left))
 
     def filterbank(self, index: int, device, dtype) -> Optional[torch.Tensor]:
-        """Resolution ``index``'s mel filterbank on ``device`` in ``dtype`` (``None``: none)."""
+        """Resolution ``index``'s mel filterbank on ``device`` in ``dtype`` (``None``: none),
+        made once per device and dtype (a step then copies nothing from the host); a traced
+        step makes its own and keeps none."""
         bank = self.filterbanks[index] if self.filterbanks else None
-        return None if bank is None else bank.to(device=device, dtype=dtype)
+        if bank is None:
+            return None
+        key = ("filterbank", index, torch.device(device), dtype)
+        value = self.cache.get(key)
+        if value is None:
+            value = bank.to(device=device, dtype=dtype)
+            if not tracing():
+                self.cache[key] = value
+        return value
 
 
 def make_settings(
