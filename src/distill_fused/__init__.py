@@ -20,14 +20,15 @@ from .api.losses import (
 )
 from .api.nonfinite import nonfinite_count, reset_nonfinite_count, set_nonfinite_mode
 from .api.patch import patch_distill, unpatch_distill
-from .api.stft_module import MultiResolutionSTFTLoss
+from .api.stft_module import ChromaSTFTLoss, MelSTFTLoss, MultiResolutionSTFTLoss, STFTLoss
 from .core.config import KLLossConfig, LossConfig, ReconLossConfig, STFTLossConfig
 
 __version__ = "0.2.0"
 
 __all__ = [
     "compute_combined_loss", "create_stft_loss", "vae_loss", "get_kl_weight",
-    "compute_kl_divergence", "MultiResolutionSTFTLoss",
+    "compute_kl_divergence", "MultiResolutionSTFTLoss", "STFTLoss", "MelSTFTLoss",
+    "ChromaSTFTLoss",
     "LossConfig", "STFTLossConfig", "ReconLossConfig", "KLLossConfig",
     "set_nonfinite_mode", "nonfinite_count", "reset_nonfinite_count",
     "patch_distill", "unpatch_distill",

@@ -32,13 +32,14 @@ class MultiResolutionSTFTLoss(torch.nn.Module):
     order, with auraloss's meanings and defaults. ``forward(input, target, lengths=None)``
     takes ``[B, C, T]``.
 
-    auraloss's options: ``w_phs`` (phase term), ``scale="mel"`` (with ``sample_rate`` and
-    ``n_bins``: one int, or here also one per resolution), ``mag_distance="L2"``, ``eps``,
-    ``scale_invariance``, ``output="full"`` (``(loss, [sc_r], [log_mag_r], [lin_mag_r],
-    [phs_r])``, 0.0 for a term whose weight is 0) and ``device`` (accepted: filterbanks are
-    made on each input's device) are computed by the selected backend. ``scale="chroma"`` and
-    ``perceptual_weighting`` are computed by auraloss itself (the ``reference`` backend,
-    whatever is selected; a debug message of the ``distill_fused`` logger says so once).
+    auraloss's options: ``w_phs`` (phase term), ``scale="mel"`` or ``"chroma"`` (with
+    ``sample_rate`` and ``n_bins``: one int, or here also one per resolution; chroma needs
+    librosa), ``mag_distance="L2"``, ``eps``, ``scale_invariance``, ``output="full"``
+    (``(loss, [sc_r], [log_mag_r], [lin_mag_r], [phs_r])``, 0.0 for a term whose weight is 0)
+    and ``device`` (accepted: filterbanks are made on each input's device) are computed by the
+    selected backend. ``perceptual_weighting`` is computed by auraloss itself (the
+    ``reference`` backend, whatever is selected; a debug message of the ``distill_fused``
+    logger says so once).
 
     ``reduction``: ``"mean"`` (auraloss's batch-level loss), ``"none"`` (``[B]``: example b's
     loss as a batch of one) or ``"sum"`` (their sum). This is not auraloss's ``reduction``,
@@ -162,9 +163,7 @@ class MultiResolutionSTFTLoss(torch.nn.Module):
 
 def _delegate(settings: MRSTFTSettings):
     """The ``reference`` backend (auraloss itself), for options without a fast path here."""
-    why = ", ".join(name for name, on in (("scale='chroma'", settings.scale == "chroma"),
-                                         ("perceptual_weighting", settings.perceptual_weighting))
-                    if on)
+    why = "perceptual_weighting"
     if not tracing() and why not in _delegation_logged:
         _delegation_logged.add(why)
         logger.debug("MultiResolutionSTFTLoss with %s: computed by auraloss (the reference "
@@ -225,7 +224,8 @@ class MelSTFTLoss(STFTLoss):
 
 
 class ChromaSTFTLoss(STFTLoss):
-    """Drop-in for ``auraloss.freq.ChromaSTFTLoss`` (computed by auraloss: needs librosa)."""
+    """Drop-in for ``auraloss.freq.ChromaSTFTLoss`` (needs librosa for its filterbank; auraloss
+    0.4.0's own fails at construction: docs/loss.md)."""
 
     def __init__(self, sample_rate: float, fft_size: int = 1024, hop_size: int = 256,
                  win_length: int = 1024, window: str = "hann_window", w_sc: float = 1.0,

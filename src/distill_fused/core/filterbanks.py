@@ -1,4 +1,5 @@
-"""The mel filterbank of auraloss's ``scale="mel"``, without librosa.
+"""The filterbanks of auraloss's ``scale="mel"`` (without librosa) and ``scale="chroma"``
+(librosa's own).
 
 auraloss builds it as ``librosa.filters.mel(sr=sample_rate, n_fft=fft_size, n_mels=n_bins)``
 (librosa's defaults: ``fmin = 0``, ``fmax = sr / 2``, Slaney's mel scale, Slaney's area
@@ -56,3 +57,16 @@ def mel_filterbank(sample_rate: float, n_fft: int, n_mels: int) -> torch.Tensor:
         weights[i] = np.maximum(0, np.minimum(lower, upper))
     weights *= (2.0 / (mel_f[2:n_mels + 2] - mel_f[:n_mels]))[:, np.newaxis]
     return torch.from_numpy(weights)
+
+
+def chroma_filterbank(sample_rate: float, n_fft: int, n_chroma: int) -> torch.Tensor:
+    """``[n_chroma, n_fft // 2 + 1]`` float32: librosa's ``filters.chroma(sr=sample_rate,
+    n_fft=n_fft, n_chroma=n_chroma)``, as auraloss asks for it (auraloss 0.4.0 then fails to
+    register the numpy array as a buffer: docs/loss.md). Needs librosa, as auraloss does."""
+    try:
+        import librosa.filters
+    except ImportError as exc:
+        raise ImportError("scale='chroma' needs librosa (pip install librosa), as auraloss's "
+                          f"does: {exc}") from exc
+    return torch.from_numpy(librosa.filters.chroma(sr=sample_rate, n_fft=n_fft,
+                                                   n_chroma=n_chroma))

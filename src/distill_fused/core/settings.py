@@ -19,12 +19,13 @@ auraloss's other options change the magnitudes the terms are formed from, or add
     scale="mel":  |X| -> W_r |X| per frame (``W_r``: resolution r's mel filterbank,
                   ``[n_bins_r, n//2+1]``, ``core/filterbanks.py``); the terms then run over
                   the mel bins
+    scale="chroma":  likewise with librosa's chroma filterbank
     mag_distance="L2":  log_mag = mean (ln|X| - ln|Y|)^2, lin_mag = mean (|X| - |Y|)^2
     w_phs:  + w_phs * mean (arg X - arg Y)^2 over the bins (raw STFT, not mel)
     scale_invariance:  |Y| -> alpha |Y|, alpha = sum |X||Y| / sum |Y|^2 over each signal's
                   frames and bins (auraloss 0.4.0 means this, but broadcasts alpha over the
                   bins axis: see docs/loss.md)
-    perceptual_weighting, scale="chroma":  computed by auraloss itself (``delegated``)
+    perceptual_weighting:  computed by auraloss itself (``delegated``)
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from .config import as_sizes, as_weights
-from .filterbanks import mel_filterbank
+from .filterbanks import chroma_filterbank, mel_filterbank
 from .tracing import tracing
 
 
@@ -67,7 +68,7 @@ class MRSTFTSettings:
     n_bins: Tuple[Optional[int], ...] = ()
     perceptual_weighting: bool = False
     scale_invariance: bool = False
-    # Each resolution's mel filterbank, float32 as librosa's (``scale="mel"``), else ``None``.
+    # Each resolution's filterbank, float32 as librosa's (``scale`` set), else ``None``.
     filterbanks: Tuple[Optional[torch.Tensor], ...] = ()
     # Per-device derived tensors (padded windows, ...) so that a step makes no host copies.
     cache: dict = field(default_factory=dict, repr=False)
@@ -82,8 +83,8 @@ class MRSTFTSettings:
     @property
     def delegated(self) -> bool:
         """Whether auraloss itself computes the loss (the ``reference`` backend, on every
-        backend): options without a fast path here."""
-        return self.perceptual_weighting or self.scale == "chroma"
+        backend): A-weighting, which has no fast path here."""
+        return self.perceptual_weighting
 
     @property
     def plain(self) -> bool:
@@ -105,7 +106,7 @@ class MRSTFTSettings:
         return torch.nn.functional.pad(window, (left, res.n_fft - res.win_length - left))
 
     def filterbank(self, index: int, device, dtype) -> Optional[torch.Tensor]:
-        """Resolution ``index``'s mel filterbank on ``device`` in ``dtype`` (``None``: none),
+        """Resolution ``index``'s filterbank on ``device`` in ``dtype`` (``None``: none),
         made once per device and dtype (a step then copies nothing from the host); a traced
         step makes its own and keeps none."""
         bank = self.filterbanks[index] if self.filterbanks else None
@@ -183,9 +184,17 @@ def make_settings(
         scale=scale, sample_rate=sample_rate, n_bins=bins,
         perceptual_weighting=bool(perceptual_weighting),
         scale_invariance=bool(scale_invariance),
-        filterbanks=tuple(mel_filterbank(sample_rate, n_fft, n) if scale == "mel" else None
+        filterbanks=tuple(_filterbank(scale, sample_rate, n_fft, n)
                           for n_fft, n in zip(fft_sizes, bins)),
     )
+
+
+def _filterbank(scale, sample_rate, n_fft: int, n_bins) -> Optional[torch.Tensor]:
+    if scale == "mel":
+        return mel_filterbank(sample_rate, n_fft, n_bins)
+    if scale == "chroma":
+        return chroma_filterbank(sample_rate, n_fft, n_bins)
+    return None
 
 
 def _scale_bins(owner: str, scale, sample_rate, n_bins, fft_sizes, perceptual_weighting
