@@ -162,7 +162,9 @@ class Case:
     # MultiResolutionSTFTLoss of 4 resolutions, short windows and a linear term; callable-stft:
     # the modular path; tensor-kl-weight: kl_weight a tensor (read by the fused kernels);
     # stft-module: create_stft_loss's module called alone; per-example: reduction="none" with
-    # lengths and per-resolution terms (the per-example path's kernels).
+    # lengths and per-resolution terms (the per-example path's kernels); stft-mel,
+    # stft-mel-l2: a module with auraloss's mel scale, L1 or L2 distances, a linear term and a
+    # phase term (kernels/stft_options.py).
     path: str = "fused"
     grouping: str = "per_resolution"
     target_grad: bool = False
@@ -199,7 +201,12 @@ def _cases() -> List[Case]:
               Case("user", path="per-example"), Case("long", path="per-example"),
               Case("user", "f64", path="per-example", target_grad=True),
               Case("odd", "bf16", path="per-example", target_grad=True),
-              Case("user", path="per-example", wide_index=True)]
+              Case("user", path="per-example", wide_index=True),
+              Case("user", path="stft-mel"), Case("long", path="stft-mel"),
+              Case("user", path="stft-mel-l2"),
+              Case("user", "f64", path="stft-mel-l2", target_grad=True),
+              Case("odd", "bf16", path="stft-mel-l2", target_grad=True),
+              Case("user", path="stft-mel", wide_index=True)]
     return cases
 
 
@@ -224,6 +231,14 @@ def _custom_stft_loss():
                                    win_lengths=(100, 256, 400, 1024), w_lin_mag=0.5)
 
 
+def _mel_stft_loss(distance: str):
+    from distill_fused import MultiResolutionSTFTLoss
+    return MultiResolutionSTFTLoss(
+        fft_sizes=(128, 256, 512, 1024), hop_sizes=(32, 64, 128, 256),
+        win_lengths=(100, 256, 400, 1024), sample_rate=16000, scale="mel",
+        n_bins=(16, 32, 64, 128), mag_distance=distance, w_lin_mag=0.5, w_phs=0.1)
+
+
 def step(case: Case, loss_fn=None):
     """Forward and backward of ``case``: returns ``(outputs, input gradients)``."""
     from distill_fused import LossConfig, compute_combined_loss, create_stft_loss
@@ -236,9 +251,12 @@ def step(case: Case, loss_fn=None):
     logvar.requires_grad_()
     leaves = [recon, target, mu, logvar]
     with _index_width(case.wide_index):
-        if case.path == "stft-module":
-            module = create_stft_loss(config, "cpu")
-            module.fft_grouping = case.grouping
+        if case.path in ("stft-module", "stft-mel", "stft-mel-l2"):
+            if case.path == "stft-module":
+                module = create_stft_loss(config, "cpu")
+                module.fft_grouping = case.grouping
+            else:
+                module = _mel_stft_loss("L2" if case.path.endswith("l2") else "L1")
             b = recon.shape[0]
             loss = module(recon[:, 0].reshape(b, 1, -1), target[:, 0].reshape(b, 1, -1))
             outputs = {"stft": loss}

@@ -48,6 +48,10 @@ KERNEL_BUDGETS = {
     "_example_spectral_grad_kernel": GRID,  # 2 complex bins read, 2 written
     "_example_recon_sums_kernel": GRID,     # 4 channels read
     "_example_recon_grad_kernel": GRID,     # 4 channels read, 2-4 written
+    "_magnitudes_kernel": GRID,             # 1 complex bin read, 1 magnitude written
+    "_example_feature_sums_kernel": GRID,   # 2 magnitudes read per element
+    "_example_feature_grad_kernel": GRID,   # 2 magnitudes read, 2 written
+    "_example_magnitude_grad_kernel": GRID,  # 2 complex bins + 2 gradients read, 2 written
     "_combined_epilogue_kernel": ONE_PROGRAM,
     "_mrstft_epilogue_kernel": ONE_PROGRAM,
     "_recon_finalize_kernel": ONE_PROGRAM,

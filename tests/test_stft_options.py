@@ -463,3 +463,50 @@ def test_invalid_options_name_the_argument(kwargs, names):
 def test_unknown_argument_is_a_type_error():
     with pytest.raises(TypeError, match="fft_size"):
         MultiResolutionSTFTLoss(fft_size=512)
+
+
+# --------------------------------------------------------------------------------------------
+# The combined loss with such a module as its STFT term
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("options", ["mel-L2-lin-phase", "phase", "a-weighting"])
+def test_combined_loss_with_an_options_module(options, backend, seed):
+    """``compute_combined_loss(_stft_loss_fn=our module)`` with auraloss's options: the
+    per-example path (A-weighting: the module called as given) against the seed's computation
+    with auraloss's module of the same options."""
+    from conftest import assert_same_results, make_batch, run_loss
+    kwargs = OPTION_SETS.get(options) or dict(sample_rate=8000, perceptual_weighting=True)
+    kwargs = dict(kwargs, sample_rate=8000) if "sample_rate" in kwargs else kwargs
+    sizes = dict(fft_sizes=[16, 32], hop_sizes=[4, 7], win_lengths=[16, 25])
+    ours = MultiResolutionSTFTLoss(**sizes, **kwargs)
+    theirs = auraloss.freq.MultiResolutionSTFTLoss(**sizes, **kwargs)
+    for loss in theirs.stft_losses:
+        if getattr(loss, "fb", None) is not None:
+            loss.fb = loss.fb.to(torch.float64)
+        if loss.perceptual_weighting:
+            loss.prefilter.fir.to(torch.float64)
+    batch = make_batch("realistic", torch.float64, seed, height=6, width=37)
+    assert_same_results(run_loss(batch, backend, _stft_loss_fn=ours, kl_weight=0.1),
+                        run_loss(batch, "reference", _stft_loss_fn=theirs, kl_weight=0.1),
+                        1e-10, 1e-8)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_per_resolution_terms_carry_the_phase_term(backend, seed):
+    from conftest import make_batch
+    from distill_fused import compute_combined_loss
+    sizes = dict(fft_sizes=[16, 32], hop_sizes=[4, 7], win_lengths=[16, 25])
+    module = MultiResolutionSTFTLoss(**sizes, w_phs=0.5, w_lin_mag=1.0)
+    batch = make_batch("noise", torch.float64, seed, height=6, width=37)
+    out = compute_combined_loss(*batch, _stft_loss_fn=module, per_resolution_terms=True,
+                                backend=backend)
+    theirs = auraloss.freq.MultiResolutionSTFTLoss(**sizes, w_phs=0.5, w_lin_mag=1.0,
+                                                   output="full")
+    b = batch[0].shape[0]
+    _, sc, log_mag, lin_mag, phs = theirs(batch[0][:, :1].reshape(b, 1, -1),
+                                          batch[1][:, :1].reshape(b, 1, -1))
+    for r in range(2):
+        for name, values in (("sc", sc), ("log_mag", log_mag), ("lin_mag", lin_mag),
+                             ("phs", phs)):
+            assert rel_err(out[f"stft_{name}_loss_{r}"], values[r]) <= 1e-10, (name, r)

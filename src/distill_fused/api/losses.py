@@ -74,7 +74,9 @@ def _stft_term(loss_config: LossConfig, stft_loss_fn):
     if stft_loss_fn is None:
         return _config_settings(loss_config)
     if isinstance(stft_loss_fn, MultiResolutionSTFTLoss):
-        return stft_loss_fn.settings
+        settings = stft_loss_fn.settings
+        # A-weighting is auraloss's own computation: the module, called as given, does it.
+        return stft_loss_fn if settings.delegated else settings
     settings = settings_from_auraloss(stft_loss_fn)
     if settings is not None:
         # Keep one settings object per auraloss instance (its per-device caches with it).
@@ -126,9 +128,11 @@ def compute_combined_loss(
     gradient): example b is cropped to ``[..., :lengths[b]]`` (its STFT runs over the cropped,
     flattened signal); with ``mean``, every sum runs over the valid elements of the batch.
     ``per_resolution_terms``: add each resolution's ``stft_sc_loss_{r}`` and
-    ``stft_log_mag_loss_{r}`` (and ``stft_lin_mag_loss_{r}`` if ``w_lin_mag``), unweighted,
-    reduced as the rest. These, and ``loss_config.stft.resolution_weights``, take the
-    per-example path (``docs/usage.md``); ``fft_grouping`` does not apply there.
+    ``stft_log_mag_loss_{r}`` (and ``stft_lin_mag_loss_{r}`` if ``w_lin_mag``,
+    ``stft_phs_loss_{r}`` if ``w_phs``), unweighted, reduced as the rest. These,
+    ``loss_config.stft.resolution_weights`` and a ``MultiResolutionSTFTLoss`` with auraloss's
+    other options (mel, L2, phase, ...) take the per-example path (``docs/usage.md``);
+    ``fft_grouping`` does not apply there.
 
     ``kl_weight``: a Python float (NaN or inf is a ``ValueError``; <= 0 leaves the KL out), or
     a one-element tensor, whose value is not checked (that would be a host sync).
@@ -156,7 +160,8 @@ def compute_combined_loss(
     stft = _stft_term(loss_config, _stft_loss_fn)
     kl_weight = check_combined_inputs(recon, target, mu, logvar, kl_weight, stft)
     default = (reduction == "mean" and lengths is None and per_resolution_terms is False
-               and not (isinstance(stft, MRSTFTSettings) and stft.weighted_resolutions))
+               and not (isinstance(stft, MRSTFTSettings)
+                        and (stft.weighted_resolutions or not stft.plain)))
     if default:
         chosen = select_backend(recon.device, *environment.backend_choice(backend))
         losses, finite = chosen.combined_loss(recon, target, mu, logvar, loss_config,
