@@ -37,6 +37,9 @@ class Case:
     latent_dim: int
     # The per-example path: reduction="none" and a padded batch (lengths drawn in [W/2, W]).
     per_example: bool = False
+    # A multi-scale mel STFT loss alone (MultiResolutionSTFTLoss, DAC_MEL) on [batch, height,
+    # width] audio: height channels of width samples.
+    mel_module: bool = False
 
 
 CASES = {
@@ -44,7 +47,69 @@ CASES = {
     "user": Case("user", 32, 128, 94, 128),
     "long": Case("long", 16, 128, 938, 128),
     "user-padded-none": Case("user-padded-none", 32, 128, 94, 128, per_example=True),
+    # 8 clips of 2 s of 44.1 kHz mono audio.
+    "dac-mel": Case("dac-mel", 8, 1, 88200, 0, mel_module=True),
 }
+
+# DAC's multi-scale mel loss in auraloss's terms: 7 resolutions, windows of 32 to 2048 samples
+# (FFT = window, hop = window / 4), a mel filterbank per resolution of 5 to 320 bins, auraloss's
+# default spectral-convergence and log-magnitude terms.
+DAC_WINDOWS = (32, 64, 128, 256, 512, 1024, 2048)
+DAC_MEL = dict(fft_sizes=DAC_WINDOWS, hop_sizes=tuple(w // 4 for w in DAC_WINDOWS),
+               win_lengths=DAC_WINDOWS, sample_rate=44100, scale="mel",
+               n_bins=(5, 10, 20, 40, 80, 160, 320))
+
+
+def audio_batch(case: Case, dev: torch.device, seed: int = 0):
+    """Two random clips per example (input, target): a few random partials under a decay, and
+    noise; float32 on ``dev``."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(case.width, dtype=torch.float64) / DAC_MEL["sample_rate"]
+    shape = (case.batch, case.height, 1)
+
+    def clip():
+        tone = sum(torch.sin(2 * torch.pi * (80 + 4000 * torch.rand(shape, generator=g,
+                                                                       dtype=torch.float64)) * t
+                             + torch.rand(shape, generator=g, dtype=torch.float64) * 6.3)
+                   for _ in range(4))
+        noise = 0.05 * torch.randn(case.batch, case.height, case.width, generator=g,
+                                   dtype=torch.float64)
+        return (tone * torch.exp(-2 * t) / 4 + noise).float().to(dev)
+
+    return clip(), clip()
+
+
+def auraloss_mel_loss(dev: torch.device) -> Callable:
+    """The reference of the mel case: auraloss's own ``STFTLoss`` per resolution (its
+    ``MultiResolutionSTFTLoss`` takes one ``n_bins`` for all), averaged."""
+    import auraloss
+    losses = [auraloss.freq.STFTLoss(n, hop, win, sample_rate=DAC_MEL["sample_rate"],
+                                     scale="mel", n_bins=bins, device=dev)
+              for n, hop, win, bins in zip(DAC_MEL["fft_sizes"], DAC_MEL["hop_sizes"],
+                                           DAC_MEL["win_lengths"], DAC_MEL["n_bins"])]
+    return lambda x, y: sum(loss(x, y) for loss in losses) / len(losses)
+
+
+def make_mel_step(provider: str, case: Case, dev: torch.device,
+                  seed: int = 0) -> Callable[[], None]:
+    """One forward+backward of the multi-scale mel loss on fresh random clips."""
+    from distill_fused import MultiResolutionSTFTLoss
+
+    x, y = audio_batch(case, dev, seed)
+    x.requires_grad_()
+    if provider.startswith("reference"):
+        fn = auraloss_mel_loss(dev)
+        if provider.startswith("reference+torch.compile"):
+            mode = "reduce-overhead" if provider.endswith("(reduce-overhead)") else None
+            fn = torch.compile(fn, mode=mode)
+    else:
+        fn = MultiResolutionSTFTLoss(**DAC_MEL, backend=provider)
+
+    def step() -> None:
+        x.grad = None
+        fn(x, y).backward()
+
+    return step
 
 
 def lengths_of(case: Case, dev: torch.device, seed: int = 0) -> torch.Tensor:
@@ -85,6 +150,9 @@ def providers(dev: torch.device, case: Optional[Case] = None) -> List[str]:
     if case is not None and case.per_example:
         return ["reference", "torch"] + (["triton"] if dev.type == "cuda" else [])
     names = ["reference", "reference+torch.compile", "torch"]
+    if case is not None and case.mel_module:  # one FFT per resolution: no FFT grouping
+        return names[:2] + (["reference+torch.compile(reduce-overhead)"] if dev.type == "cuda"
+                            else []) + ["torch"] + (["triton"] if dev.type == "cuda" else [])
     if dev.type == "cuda":
         names[2:2] = ["reference+torch.compile(reduce-overhead)"]
         names += ["triton", "triton(shared-fft)"]
@@ -92,7 +160,10 @@ def providers(dev: torch.device, case: Optional[Case] = None) -> List[str]:
 
 
 def make_step(provider: str, case: Case, dev: torch.device, seed: int = 0) -> Callable[[], None]:
-    """One forward+backward of the combined loss on a fresh realistic batch."""
+    """One forward+backward of the combined loss on a fresh realistic batch (the mel case: of
+    its STFT loss, ``make_mel_step``)."""
+    if case.mel_module:
+        return make_mel_step(provider, case, dev, seed)
     recon, target, mu, logvar = realistic_batch(case.batch, case.height, case.width,
                                                 case.latent_dim, device=dev, seed=seed)
     leaves = [t.requires_grad_() for t in (recon, mu, logvar)]

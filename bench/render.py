@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).parent
-CASE_ORDER = ["smoke", "user", "long"]
+CASE_ORDER = ["smoke", "user", "long", "user-padded-none", "dac-mel"]
 
 
 def _fmt(value, spec):

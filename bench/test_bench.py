@@ -6,7 +6,7 @@ import pytest
 import harness
 
 DEVICE = harness.device()
-ROUNDS = {"smoke": 30, "user": 20, "long": 7, "user-padded-none": 10}
+ROUNDS = {"smoke": 30, "user": 20, "long": 7, "user-padded-none": 10, "dac-mel": 5}
 
 
 @pytest.mark.parametrize("provider", harness.providers(DEVICE))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST_BACKENDS, rel_err, stft_value_and_grads
+from conftest import FAST_BACKENDS, rel_err, requires_cuda, requires_triton, stft_value_and_grads
 from distill_fused import ChromaSTFTLoss, MelSTFTLoss, MultiResolutionSTFTLoss, STFTLoss
 from distill_fused.backends.reference import PerSignalScaleSTFTLoss
 from distill_fused.core.filterbanks import mel_filterbank
@@ -510,3 +510,86 @@ def test_per_resolution_terms_carry_the_phase_term(backend, seed):
         for name, values in (("sc", sc), ("log_mag", log_mag), ("lin_mag", lin_mag),
                              ("phs", phs)):
             assert rel_err(out[f"stft_{name}_loss_{r}"], values[r]) <= 1e-10, (name, r)
+
+
+# --------------------------------------------------------------------------------------------
+# The options path as a loss path: no host sync, launches, torch.compile, the GPU
+# --------------------------------------------------------------------------------------------
+
+MEL_L2 = dict(OPTION_SETS["mel-L2-lin-phase"])
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_options_step_makes_no_host_sync(backend, seed):
+    from conftest import SYNC_OPS, OpRecorder
+    x, y = audio_like(seed, 2, 2)
+    module = MultiResolutionSTFTLoss(**SIZES, **MEL_L2, backend=backend)
+    module(x, y)  # the filterbanks and windows made once
+    xg = x.clone().requires_grad_()
+    with OpRecorder() as recorder:
+        module(xg, y).backward()
+    names = {op._schema.name for op in recorder.ops}
+    path = {"aten::_fft_r2c", "aten::_fft_c2r", "aten::mm", "aten::atan2"}
+    if backend == "triton":
+        path |= {"distill_fused::stft_magnitudes", "distill_fused::example_feature_sums",
+                 "distill_fused::example_feature_grad", "distill_fused::example_magnitude_grad"}
+    assert not path - names, f"the recorder did not see the loss path: {path - names}"
+    assert not [op for op in recorder.ops if op in SYNC_OPS]
+
+
+@requires_triton
+def test_options_launches_do_not_grow_with_the_batch(triton_launches, seed):
+    counts = []
+    for batch_size in (1, 4):
+        x, y = audio_like(seed, batch_size, 2)
+        triton_launches.clear()
+        MultiResolutionSTFTLoss(**SIZES, **MEL_L2, reduction="none", backend="triton")(
+            x.requires_grad_(), y).sum().backward()
+        counts.append(sorted(triton_launches))
+    assert counts[0] == counts[1]
+    for kernel in ("_magnitudes_kernel", "_example_feature_sums_kernel",
+                   "_example_feature_grad_kernel", "_example_magnitude_grad_kernel"):
+        assert counts[0].count(kernel) == (6 if kernel == "_magnitudes_kernel" else 3), kernel
+
+
+def _compiled_vs_eager(backend, device, compile_backend, seed):
+    x, y = (t.float().to(device) for t in audio_like(seed, 3, 1))
+    lengths = torch.tensor([LENGTH, 90, 40], device=device)
+    module = MultiResolutionSTFTLoss(**SIZES, **MEL_L2, reduction="none", backend=backend)
+
+    def step(x, y, lengths):
+        return module(x, y, lengths)
+
+    def run(fn):
+        xg = x.clone().requires_grad_()
+        loss = fn(xg, y, lengths)
+        loss.sum().backward()
+        return loss.detach(), xg.grad
+
+    eager = run(step)
+    compiled = run(torch.compile(step, backend=compile_backend, fullgraph=True))
+    for a, b in zip(compiled, eager):
+        assert rel_err(a, b) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_options_path_traces_fullgraph_and_equals_eager(backend, seed):
+    _compiled_vs_eager(backend, "cpu", "aot_eager", seed)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_options_on_cuda_equal_the_oracle_and_compile(backend, seed):
+    """On a GPU: the grid's hardest option set against auraloss (float64), the fullgraph
+    inductor compile, and no sync while syncs are errors."""
+    x, y = (t.cuda() for t in audio_like(seed, 2, 2))
+    ref = oracle_value_and_grads(auraloss_of(MEL_L2).cuda(), x, y)
+    module = MultiResolutionSTFTLoss(**SIZES, **MEL_L2, backend=backend)
+    assert_close(stft_value_and_grads(module, x, y), ref, 1e-10, 1e-8)
+    _compiled_vs_eager(backend, "cuda", "inductor", seed)
+    module(x.float(), y.float())
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        module(x.float().requires_grad_(), y.float()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

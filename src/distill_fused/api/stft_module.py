@@ -5,7 +5,7 @@ arguments (the math: ``distill_fused.core.settings``)."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -126,7 +126,11 @@ class MultiResolutionSTFTLoss(torch.nn.Module):
         return self._settings
 
     def forward(self, input: torch.Tensor, target: torch.Tensor,
-                lengths: Optional[torch.Tensor] = None):
+                lengths: Optional[torch.Tensor] = None
+                ) -> Union[torch.Tensor, Tuple[Any, ...]]:
+        """The loss of ``input`` against ``target`` (``[B, C, T]``): a tensor, or with
+        ``output="full"`` auraloss's tuple ``(loss, [sc_r], [log_mag_r], [lin_mag_r],
+        [phs_r])``."""
         settings = self.settings
         grouping = environment.fft_grouping(self.fft_grouping)
         check_signals(input, target, settings)
