@@ -49,7 +49,8 @@ class TritonSums:
 
     @staticmethod
     def spectral(spec: torch.Tensor, frames: torch.Tensor, settings: MRSTFTSettings,
-                 index: int) -> torch.Tensor:
+                 index: int, cropped: bool = True) -> torch.Tensor:
+        """(The kernels mask the frames whether or not ``cropped``.)"""
         if not settings.plain:
             return stft_options.spectral_sums(spec, frames, settings, index)
         params = device_constants((settings.eps,), spec.device)
@@ -57,7 +58,8 @@ class TritonSums:
 
     @staticmethod
     def spectral_grad(spec: torch.Tensor, frames: torch.Tensor, settings: MRSTFTSettings,
-                      index: int, grad_sums: torch.Tensor) -> torch.Tensor:
+                      index: int, grad_sums: torch.Tensor, cropped: bool = True
+                      ) -> torch.Tensor:
         if not settings.plain:
             return stft_options.spectral_grad(spec, frames, settings, index, grad_sums)
         params = device_constants((settings.eps,), spec.device)

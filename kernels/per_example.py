@@ -49,6 +49,33 @@ SUM_PROGRAMS = 528
 
 
 @triton.jit
+def example_tile(frames_ptr, per_example, width, n_frames, n_examples, n_tiles,
+                 BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    """Program ``b T + t`` of a per-example map over ``[2B, C, F, width]`` (x's examples, then
+    y's): ``(b, in_range, valid, x_index, y_index)`` of tile t of example b's ``C F width``
+    elements, ``valid`` where the element's frame is one of example b's first ``F_b``."""
+    b = tl.program_id(0) // n_tiles  # once per program
+    start = (tl.program_id(0) - b * n_tiles) * BLOCK
+    if WIDE:
+        b = b.to(tl.int64)
+        start = start.to(tl.int64)
+    e = start + tl.arange(0, BLOCK)
+    in_range = e < per_example
+    valid = in_range & ((e // width) % n_frames < tl.load(frames_ptr + b))
+    return b, in_range, valid, b * per_example + e, (n_examples + b) * per_example + e
+
+
+@triton.jit
+def store_sums(out, first, second, third, fourth):
+    """The four per-program partial sums at ``out``: one slot per program, in range by
+    construction (``B P`` programs)."""
+    tl.store(out, tl.sum(first, axis=0))
+    tl.store(out + 1, tl.sum(second, axis=0))
+    tl.store(out + 2, tl.sum(third, axis=0))
+    tl.store(out + 3, tl.sum(fourth, axis=0))
+
+
+@triton.jit
 def _example_spectral_sums_kernel(
     # the spectra [2B, C, F, bins] as real pairs (x's examples, then y's); valid frames [B]
     spec_ptr,
@@ -94,12 +121,7 @@ def _example_spectral_sums_kernel(
         sum_log += log_ratio
         sum_d += d
         start += n_programs * BLOCK
-    out = partials_ptr + (b * n_programs + program) * 4
-    # One slot per program: in range by construction (B P programs).
-    tl.store(out, tl.sum(sum_d2, axis=0))
-    tl.store(out + 1, tl.sum(sum_py, axis=0))
-    tl.store(out + 2, tl.sum(sum_log, axis=0))
-    tl.store(out + 3, tl.sum(sum_d, axis=0))
+    store_sums(partials_ptr + (b * n_programs + program) * 4, sum_d2, sum_py, sum_log, sum_d)
 
 
 @triton.jit
@@ -125,17 +147,9 @@ def _example_spectral_grad_kernel(
     sums' gradients ``g_b``: ``dL/dMx = 2 g0 D + g2 sign(ln Mx/My) / Mx + g3 sign(D)``,
     ``dL/dMy = -2 g0 D + 2 g1 My - g2 sign(ln Mx/My) / My - g3 sign(D)``; 0 where
     ``|X|^2 < eps`` and on frames past ``F_b``. Program ``b T + t``."""
-    b = tl.program_id(0) // n_tiles  # once per program
-    start = (tl.program_id(0) - b * n_tiles) * BLOCK
-    if WIDE:
-        b = b.to(tl.int64)
-        start = start.to(tl.int64)
-    e = start + tl.arange(0, BLOCK)
-    in_range = e < per_example
-    valid = in_range & ((e // bins) % n_frames < tl.load(frames_ptr + b))
+    b, in_range, valid, x_index, y_index = example_tile(
+        frames_ptr, per_example, bins, n_frames, n_examples, n_tiles, BLOCK, WIDE)
     eps = tl.load(params_ptr).to(ACC)
-    x_index = b * per_example + e
-    y_index = (n_examples + b) * per_example + e
     xre, xim, px, _, mx = _magnitudes(spec_ptr, x_index, valid, eps)
     yre, yim, py, _, my = _magnitudes(spec_ptr, y_index, valid, eps)
     g_d2 = tl.load(grad_sums_ptr + b * 4).to(ACC)

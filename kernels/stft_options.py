@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..core.settings import MRSTFTSettings
 from ._common import device_constants, empty, is_wide, kernel_op, signum, tl_dtype, wrap_triton
-from .per_example import BLOCK, _programs
+from .per_example import BLOCK, _programs, example_tile, store_sums
 from .stft_spectral import _magnitudes
 
 
@@ -124,12 +124,7 @@ def _example_feature_sums_kernel(
         sum_log += tl.where(valid, _distance(tl.log(sx / sy), L2), 0.0)
         sum_d += tl.where(valid, _distance(diff, L2), 0.0)
         start += n_programs * BLOCK
-    out = partials_ptr + (b * n_programs + program) * 4
-    # One slot per program: in range by construction (B P programs).
-    tl.store(out, tl.sum(sum_d2, axis=0))
-    tl.store(out + 1, tl.sum(sum_sy2, axis=0))
-    tl.store(out + 2, tl.sum(sum_log, axis=0))
-    tl.store(out + 3, tl.sum(sum_d, axis=0))
+    store_sums(partials_ptr + (b * n_programs + program) * 4, sum_d2, sum_sy2, sum_log, sum_d)
 
 
 @triton.jit
@@ -155,16 +150,8 @@ def _example_feature_grad_kernel(
     2 g1 Sy - g2 rho'(ln Sx/Sy) / Sy - g3 rho'(D)`` over tile t of example b's elements
     (``rho'``: ``sign``, or ``2u`` with ``L2``); 0 on frames past ``F_b``. Program
     ``b T + t``."""
-    b = tl.program_id(0) // n_tiles  # once per program
-    start = (tl.program_id(0) - b * n_tiles) * BLOCK
-    if WIDE:
-        b = b.to(tl.int64)
-        start = start.to(tl.int64)
-    e = start + tl.arange(0, BLOCK)
-    in_range = e < per_example
-    valid = in_range & ((e // width) % n_frames < tl.load(frames_ptr + b))
-    x_index = b * per_example + e
-    y_index = (n_examples + b) * per_example + e
+    b, in_range, valid, x_index, y_index = example_tile(
+        frames_ptr, per_example, width, n_frames, n_examples, n_tiles, BLOCK, WIDE)
     sx = tl.load(feat_ptr + x_index, mask=valid, other=1.0).to(ACC)
     sy = tl.load(feat_ptr + y_index, mask=valid, other=1.0).to(ACC)
     g_d2 = tl.load(grad_sums_ptr + b * 4).to(ACC)
@@ -203,17 +190,9 @@ def _example_magnitude_grad_kernel(
 ):
     """``dL/dX = dL/dMx X / Mx [|X|^2 >= eps]`` (likewise Y) over tile t of example b's
     elements; 0 on frames past ``F_b``. Program ``b T + t``."""
-    b = tl.program_id(0) // n_tiles  # once per program
-    start = (tl.program_id(0) - b * n_tiles) * BLOCK
-    if WIDE:
-        b = b.to(tl.int64)
-        start = start.to(tl.int64)
-    e = start + tl.arange(0, BLOCK)
-    in_range = e < per_example
-    valid = in_range & ((e // bins) % n_frames < tl.load(frames_ptr + b))
+    _, in_range, valid, x_index, y_index = example_tile(
+        frames_ptr, per_example, bins, n_frames, n_examples, n_tiles, BLOCK, WIDE)
     eps = tl.load(params_ptr).to(ACC)
-    x_index = b * per_example + e
-    y_index = (n_examples + b) * per_example + e
     xre, xim, px, _, mx = _magnitudes(spec_ptr, x_index, valid, eps)
     yre, yim, py, _, my = _magnitudes(spec_ptr, y_index, valid, eps)
     d_mx = tl.load(grad_mag_ptr + x_index, mask=valid, other=0.0).to(ACC)

@@ -208,3 +208,22 @@ def test_auto_with_its_debug_log_on_traces_without_a_break(monkeypatch, caplog, 
     assert said == ["loss backend auto -> torch: cpu tensors: the triton backend runs CUDA "
                     "tensors (auto never picks Triton's interpreter; name backend='triton' "
                     "under TRITON_INTERPRET=1 for that)"]
+
+
+@pytest.mark.triton_free
+def test_the_reference_compiles_as_the_benchmark_compiles_it(seed):
+    """The benchmark's ``reference+torch.compile`` provider: the seed's computation under
+    ``torch.compile``, its auraloss module built inside the traced call (a fresh settings
+    object), equal to eager."""
+    from distill_fused.backends import reference
+
+    config = tiny_config()
+    batch = make_batch("realistic", torch.float32, seed, height=6, width=37)
+
+    def step(settings):
+        return lambda r, t, m, v: reference.combined_loss(r, t, m, v, config, 0.1,
+                                                          settings)[0]["total_loss"]
+
+    eager = step(create_stft_loss(config).settings)(*batch)
+    compiled = torch.compile(step(create_stft_loss(config).settings), backend="aot_eager")
+    assert rel_err(compiled(*batch), eager) <= 1e-6

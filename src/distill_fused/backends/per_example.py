@@ -142,49 +142,49 @@ class TorchSums:
 
     @staticmethod
     def spectral(spec: torch.Tensor, frames: torch.Tensor, settings: MRSTFTSettings,
-                 index: int) -> torch.Tensor:
+                 index: int, cropped: bool = True) -> torch.Tensor:
         """``[B, 4]`` spectral sums ``s_rb`` (without the phase's) of ``spec``
         ``[2B, C, F, bins]`` (resolution ``index``) over each example's first ``frames[b]``
-        frames."""
-        sx, sy, _ = _features(spec, frames, settings, index)
+        frames (every frame unless ``cropped``). Each sum is one fused reduction (a vector
+        norm)."""
+        sx, sy, _, _, _ = _features(spec, frames, settings, index, cropped)
+        valid = _valid_frames(spec, frames) if cropped else None
         diff = sx - sy
-        distance = torch.square if settings.mag_distance == "L2" else torch.abs
-        terms = torch.stack([diff.square(), sy.square(), distance(torch.log(sx / sy)),
-                             distance(diff)])
-        return torch.where(_valid_frames(spec, frames)[None], terms, 0.0).sum((2, 3, 4)).T
+        order = 2 if settings.mag_distance == "L2" else 1
+        return torch.stack([_power_sum(diff, 2, valid), _power_sum(sy, 2, valid),
+                            _power_sum(torch.log(sx / sy), order, valid),
+                            _power_sum(diff, order, valid)], 1)
 
     @staticmethod
     def spectral_grad(spec: torch.Tensor, frames: torch.Tensor, settings: MRSTFTSettings,
-                      index: int, grad_sums: torch.Tensor) -> torch.Tensor:
+                      index: int, grad_sums: torch.Tensor, cropped: bool = True
+                      ) -> torch.Tensor:
         """``dL/dX`` (complex, ``spec``'s shape) for the sums' gradients ``grad_sums``
         ``[B, 4]`` (``kernels/per_example.py`` and ``kernels/stft_options.py`` have the
         formulas; scale invariance: ``sy = alpha sy0``, ``dL/dalpha = <dL/dsy, sy0>``, then
         ``dL/dsx += dL/dalpha sy0 / |sy0|^2`` and ``dL/dsy0 = alpha dL/dsy + dL/dalpha
         (sx - 2 sy) / |sy0|^2`` per signal)."""
-        eps = settings.eps
-        valid = _valid_frames(spec, frames)
-        sx, sy, scaling = _features(spec, frames, settings, index)
+        valid = _valid_frames(spec, frames) if cropped else None
+        sx, sy, scaling, power, mag = _features(spec, frames, settings, index, cropped)
         g_d2, g_sy, g_log, g_d = (g[:, None, None, None] for g in grad_sums.unbind(1))
         diff = sx - sy
         if settings.mag_distance == "L2":
             slope_log, slope_d = 2 * torch.log(sx / sy), 2 * diff
         else:
             slope_log, slope_d = torch.sign(torch.log(sx / sy)), torch.sign(diff)
-        d_sx = 2 * g_d2 * diff + g_log * slope_log / sx + g_d * slope_d
-        d_sy = -2 * g_d2 * diff + 2 * g_sy * sy - g_log * slope_log / sy - g_d * slope_d
-        d_sx, d_sy = torch.where(valid, d_sx, 0.0), torch.where(valid, d_sy, 0.0)
+        d_sx = _masked(2 * g_d2 * diff + g_log * slope_log / sx + g_d * slope_d, valid)
+        d_sy = _masked(-2 * g_d2 * diff + 2 * g_sy * sy - g_log * slope_log / sy
+                       - g_d * slope_d, valid)
         if scaling is not None:  # sy = alpha sy0, alpha = <sx, sy0> / <sy0, sy0> per signal
             alpha, sy0 = scaling
-            norm2 = torch.where(valid, sy0.square(), 0.0).sum((2, 3), keepdim=True)
+            norm2 = _masked(sy0.square(), valid).sum((2, 3), keepdim=True)
             d_alpha = (d_sy * sy0).sum((2, 3), keepdim=True)
-            d_sx = d_sx + torch.where(valid, d_alpha * sy0 / norm2, 0.0)
-            d_sy = alpha * d_sy + torch.where(valid, d_alpha * (sx - 2 * sy) / norm2, 0.0)
+            d_sx = d_sx + _masked(d_alpha * sy0 / norm2, valid)
+            d_sy = alpha * d_sy + _masked(d_alpha * (sx - 2 * sy) / norm2, valid)
         bank = settings.filterbank(index, spec.device, spec.real.dtype)
         d_feat = torch.cat([d_sx, d_sy])
         d_mag = d_feat if bank is None else d_feat @ bank
-        power = spec.real.square() + spec.imag.square()
-        mag = power.clamp(min=eps).sqrt()
-        return torch.where(power >= eps, d_mag / mag, 0.0) * spec
+        return _times_spectrum(torch.where(power >= settings.eps, d_mag / mag, 0.0), spec)
 
     @staticmethod
     def recon(recon: torch.Tensor, target: torch.Tensor,
@@ -204,30 +204,56 @@ class TorchSums:
         return terms.sum((2, 3)).T
 
 
-
 def _valid_frames(spec: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
     """``[B, 1, F, 1]``: whether frame f is one of example b's."""
     valid = torch.arange(spec.shape[2], device=spec.device)[None, :] < frames[:, None]
     return valid[:, None, :, None]
 
 
-def _features(spec: torch.Tensor, frames: torch.Tensor, settings: MRSTFTSettings, index: int):
-    """``(Sx, Sy, scaling)``: the magnitudes the terms are formed from (``[B, C, F, K]`` each:
-    clamped STFT magnitudes, through the mel filterbank with ``scale``; with
-    ``scale_invariance``, ``Sy = alpha Sy0`` and ``scaling = (alpha, Sy0)``, alpha
-    ``[B, C, 1, 1]``, else ``scaling = None``)."""
+def _masked(t: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """``t`` where ``valid``, else 0 (``valid = None``: every element)."""
+    return t if valid is None else torch.where(valid, t, 0.0)
+
+
+def _power_sum(t: torch.Tensor, order: int, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[B]``: ``sum |t|^order`` over each example's valid elements (``order`` 1 or 2), as
+    one fused reduction."""
+    norm = torch.linalg.vector_norm(_masked(t, valid), ord=order, dim=(1, 2, 3))
+    return norm.square() if order == 2 else norm
+
+
+def _power(spec: torch.Tensor) -> torch.Tensor:
+    """``|X|^2 = Re^2 + Im^2``, read from the spectrum's real pairs (faster than its strided
+    ``.real`` and ``.imag`` views)."""
+    pairs = torch.view_as_real(spec)
+    re, im = pairs[..., 0], pairs[..., 1]
+    return re * re + im * im
+
+
+def _times_spectrum(coef: torch.Tensor, spec: torch.Tensor) -> torch.Tensor:
+    """``coef X`` for a real ``coef``: a real product on the pairs (no complex promotion)."""
+    return torch.view_as_complex(torch.view_as_real(spec) * coef[..., None])
+
+
+def _features(spec: torch.Tensor, frames: torch.Tensor, settings: MRSTFTSettings, index: int,
+              cropped: bool):
+    """``(Sx, Sy, scaling, power, magnitudes)``: the magnitudes the terms are formed from
+    (``[B, C, F, K]`` each: clamped STFT magnitudes, through the mel filterbank with
+    ``scale``; with ``scale_invariance``, ``Sy = alpha Sy0`` and ``scaling = (alpha, Sy0)``,
+    alpha ``[B, C, 1, 1]`` over each signal's valid frames, else ``scaling = None``), and the
+    spectrum's power and clamped magnitudes."""
     batch = frames.shape[0]
-    feat = (spec.real.square() + spec.imag.square()).clamp(min=settings.eps).sqrt()
+    power = _power(spec)
+    mag = power.clamp(min=settings.eps).sqrt()
     bank = settings.filterbank(index, spec.device, spec.real.dtype)
-    if bank is not None:
-        feat = feat @ bank.T
+    feat = mag if bank is None else mag @ bank.T
     sx, sy = feat[:batch], feat[batch:]
     if not settings.scale_invariance:
-        return sx, sy, None
-    valid = _valid_frames(spec, frames)
-    alpha = (torch.where(valid, sx * sy, 0.0).sum((2, 3), keepdim=True)
-             / torch.where(valid, sy.square(), 0.0).sum((2, 3), keepdim=True))
-    return sx, alpha * sy, (alpha, sy)
+        return sx, sy, None, power, mag
+    valid = _valid_frames(spec, frames) if cropped else None
+    alpha = (_masked(sx * sy, valid).sum((2, 3), keepdim=True)
+             / _masked(sy.square(), valid).sum((2, 3), keepdim=True))
+    return sx, alpha * sy, (alpha, sy), power, mag
 
 
 def _phase(spec: torch.Tensor) -> torch.Tensor:
@@ -237,26 +263,26 @@ def _phase(spec: torch.Tensor) -> torch.Tensor:
     return torch.atan2(spec.imag, torch.where(zero, 1.0, spec.real))
 
 
-def phase_sums(spec: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+def phase_sums(spec: torch.Tensor, frames: torch.Tensor, cropped: bool = True) -> torch.Tensor:
     """``[B]``: ``sum (arg X - arg Y)^2`` over each example's first ``frames[b]`` frames (the
     phase term's sum, in torch on every backend: see ``kernels/stft_options.py``)."""
     batch = frames.shape[0]
     diff = _phase(spec[:batch]) - _phase(spec[batch:])
-    return torch.where(_valid_frames(spec, frames), diff.square(), 0.0).sum((1, 2, 3))
+    return _power_sum(diff, 2, _valid_frames(spec, frames) if cropped else None)
 
 
-def phase_grad(spec: torch.Tensor, frames: torch.Tensor, grad_sum: torch.Tensor
-               ) -> torch.Tensor:
+def phase_grad(spec: torch.Tensor, frames: torch.Tensor, grad_sum: torch.Tensor,
+               cropped: bool = True) -> torch.Tensor:
     """``dL/dX`` of ``phase_sums`` for its gradient ``grad_sum`` ``[B]``: ``d arg X =
     i X / |X|^2`` (0 at X = 0, as ``torch.angle``'s backward), so ``dL/dX = 2 g (arg X -
     arg Y) i X / |X|^2`` and ``dL/dY = -2 g (arg X - arg Y) i Y / |Y|^2``."""
     batch = frames.shape[0]
     diff = _phase(spec[:batch]) - _phase(spec[batch:])
-    d_phase = 2 * grad_sum[:, None, None, None] * diff
-    power = spec.real.square() + spec.imag.square()
-    valid = _valid_frames(spec, frames).repeat(2, 1, 1, 1)
-    coef = torch.where(valid & (power > 0), torch.cat([d_phase, -d_phase]) / power, 0.0)
-    return coef * (1j * spec)
+    d_phase = _masked(2 * grad_sum[:, None, None, None] * diff,
+                      _valid_frames(spec, frames) if cropped else None)
+    power = _power(spec)
+    coef = torch.where(power > 0, torch.cat([d_phase, -d_phase]) / power, 0.0)
+    return _times_spectrum(coef, 1j * spec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,23 +374,25 @@ def _sums_gradient(sums, count, settings: MRSTFTSettings, r: int, reduction: str
     return grad
 
 
-def _spectral_sums(spec, frames, settings: MRSTFTSettings, index: int, sums) -> torch.Tensor:
+def _spectral_sums(spec, frames, settings: MRSTFTSettings, index: int, sums,
+                   cropped: bool) -> torch.Tensor:
     """``[B, 5]``: the backend's four sums (torch's with ``scale_invariance``: its alpha
-    couples every element of a signal, no fast path), and the phase's (0 without ``w_phs``)."""
+    couples every element of a signal, no fast path), and the phase's (0 without ``w_phs``);
+    ``cropped``: whether some frames are past an example's signal (``lengths``)."""
     magnitude = (TorchSums if settings.scale_invariance else sums).spectral(
-        spec, frames, settings, index)
-    phase = (phase_sums(spec, frames) if settings.w_phs
+        spec, frames, settings, index, cropped)
+    phase = (phase_sums(spec, frames, cropped) if settings.w_phs
              else torch.zeros_like(magnitude[:, 0]))
     return torch.cat([magnitude, phase[:, None]], 1)
 
 
 def _spectral_grad(spec, frames, settings: MRSTFTSettings, index: int, sums,
-                   grad_sums: torch.Tensor) -> torch.Tensor:
+                   grad_sums: torch.Tensor, cropped: bool) -> torch.Tensor:
     """``dL/dX`` for the ``[B, 5]`` gradients of ``_spectral_sums``."""
     grad = (TorchSums if settings.scale_invariance else sums).spectral_grad(
-        spec, frames, settings, index, grad_sums[:, :4].contiguous())
+        spec, frames, settings, index, grad_sums[:, :4].contiguous(), cropped)
     if settings.w_phs:
-        grad = grad + phase_grad(spec, frames, grad_sums[:, 4])
+        grad = grad + phase_grad(spec, frames, grad_sums[:, 4], cropped)
     return grad
 
 
@@ -383,7 +411,8 @@ class _STFTTerm(torch.autograd.Function):
         spectral, counts, saved = [], [], []
         for index, res in enumerate(settings.resolutions):
             spec, frames, source = spectra(both, settings, index, lengths, height, width)
-            spectral.append(_spectral_sums(spec, frames, settings, index, sums))
+            spectral.append(_spectral_sums(spec, frames, settings, index, sums,
+                                           lengths is not None))
             bins = res.n_fft // 2 + 1
             features = (settings.n_bins[index] if settings.scale else None) or bins
             counts.append(torch.stack([frames * (channels * features),
@@ -410,7 +439,8 @@ class _STFTTerm(torch.autograd.Function):
             spec, frames, source, spectral, count = saved[5 * index:5 * index + 5]
             grad_sums = _sums_gradient(spectral, count, settings, index, reduction, g_mrstft,
                                        g_terms).expand(batch, 5)
-            grad_spec = _spectral_grad(spec, frames, settings, index, sums, grad_sums)
+            grad_spec = _spectral_grad(spec, frames, settings, index, sums, grad_sums,
+                                       source is not None)
             grad_r = signal_gradient(grad_spec, settings, index, source, height * width)
             grad = grad_r if grad is None else grad + grad_r
         rows = reached.repeat(2) if reached.dim() else reached

@@ -27,16 +27,16 @@ def auraloss_module(settings: MRSTFTSettings) -> auraloss.freq.MultiResolutionST
             win_lengths=[r.win_length for r in settings.resolutions])
         stft_loss = (PerSignalScaleSTFTLoss if settings.scale_invariance
                      else auraloss.freq.STFTLoss)
-        module.stft_losses = torch.nn.ModuleList(
-            stft_loss(
-                r.n_fft, r.hop, r.win_length, w_sc=settings.w_sc,
-                w_log_mag=settings.w_log_mag, w_lin_mag=settings.w_lin_mag,
-                w_phs=settings.w_phs, sample_rate=settings.sample_rate, scale=settings.scale,
-                n_bins=n_bins, perceptual_weighting=settings.perceptual_weighting,
-                scale_invariance=settings.scale_invariance, eps=settings.eps,
-                mag_distance=settings.mag_distance)
-            for r, n_bins in zip(settings.resolutions, settings.n_bins or
-                                 (None,) * len(settings.resolutions)))
+        module.stft_losses = torch.nn.ModuleList([  # a list: torch.compile traces no generator
+            stft_loss(r.n_fft, r.hop, r.win_length, w_sc=settings.w_sc,
+                      w_log_mag=settings.w_log_mag, w_lin_mag=settings.w_lin_mag,
+                      w_phs=settings.w_phs, sample_rate=settings.sample_rate,
+                      scale=settings.scale, n_bins=n_bins,
+                      perceptual_weighting=settings.perceptual_weighting,
+                      scale_invariance=settings.scale_invariance, eps=settings.eps,
+                      mag_distance=settings.mag_distance)
+            for r, n_bins in zip(settings.resolutions,
+                                 settings.n_bins or (None,) * len(settings.resolutions))])
         for loss, window in zip(module.stft_losses, settings.windows):
             loss.window = window
         settings.cache["auraloss"] = module
@@ -46,7 +46,7 @@ def auraloss_module(settings: MRSTFTSettings) -> auraloss.freq.MultiResolutionST
 def in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """``module`` with its filterbanks and FIR taps in ``dtype`` (auraloss keeps them in float32
     and fails on float64 signals; the float32 values convert exactly)."""
-    for loss in module.modules():
+    for loss in module.stft_losses:
         if isinstance(getattr(loss, "fb", None), torch.Tensor) and loss.fb.dtype != dtype:
             loss.fb = loss.fb.to(dtype)
         prefilter = getattr(loss, "prefilter", None)
