@@ -80,13 +80,21 @@ def audio_batch(case: Case, dev: torch.device, seed: int = 0):
 
 
 def auraloss_mel_loss(dev: torch.device) -> Callable:
-    """The reference of the mel case: auraloss's own ``STFTLoss`` per resolution (its
-    ``MultiResolutionSTFTLoss`` takes one ``n_bins`` for all), averaged."""
+    """The reference of the mel case: auraloss's own ``STFTLoss`` with ``scale="mel"`` per
+    resolution (its ``MultiResolutionSTFTLoss`` takes one ``n_bins`` for all), averaged. Its
+    filterbank is set after construction to librosa's, built by ``core/filterbanks.py`` (the
+    same floats, bit for bit: tests/test_stft_options.py), so that the GPU image, which has
+    no librosa, runs the same reference."""
     import auraloss
-    losses = [auraloss.freq.STFTLoss(n, hop, win, sample_rate=DAC_MEL["sample_rate"],
-                                     scale="mel", n_bins=bins, device=dev)
-              for n, hop, win, bins in zip(DAC_MEL["fft_sizes"], DAC_MEL["hop_sizes"],
-                                           DAC_MEL["win_lengths"], DAC_MEL["n_bins"])]
+
+    from distill_fused.core.filterbanks import mel_filterbank
+    losses = []
+    for n, hop, win, bins in zip(DAC_MEL["fft_sizes"], DAC_MEL["hop_sizes"],
+                                 DAC_MEL["win_lengths"], DAC_MEL["n_bins"]):
+        loss = auraloss.freq.STFTLoss(n, hop, win, sample_rate=DAC_MEL["sample_rate"])
+        loss.scale, loss.n_bins = "mel", bins
+        loss.fb = mel_filterbank(DAC_MEL["sample_rate"], n, bins)[None].to(dev)
+        losses.append(loss)
     return lambda x, y: sum(loss(x, y) for loss in losses) / len(losses)
 
 
