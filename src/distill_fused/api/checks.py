@@ -8,6 +8,7 @@ import numbers
 
 import torch
 
+from ..core.devices import policy
 from ..core.options import REDUCTIONS
 from ..core.settings import MRSTFTSettings
 from ..core.tracing import tracing
@@ -137,7 +138,7 @@ def check_lengths(lengths, *, batch: int, width: int, shortest: int, device: tor
     in_range = (lengths >= shortest) & (lengths <= width)
     message = (f"lengths (valid {axis} of each example) must lie in [{shortest}, {width}]: "
                f"at most the padded size, and long enough for the STFT's reflect padding")
-    if device.type == "cpu" and not tracing():
+    if policy(device).host and not tracing():
         if not bool(in_range.all()):
             bad = lengths[~in_range].tolist()
             raise ValueError(f"{message}; got {bad}")

@@ -52,6 +52,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..core.devices import accumulation_dtype
 from ..core.gradients import first_order_only
 from ..core.options import Options
 from ..core.outputs import LOSS_KEYS, compute_dtype
@@ -191,7 +192,7 @@ class TorchSums:
               lengths: Optional[torch.Tensor]) -> torch.Tensor:
         """``[B, 3]`` reconstruction sums ``q_b`` (float64 where the device has it, not MPS)
         over each example's first ``lengths[b]`` columns."""
-        wide = recon.dtype if recon.device.type == "mps" else torch.float64
+        wide = accumulation_dtype(recon.device, recon.dtype)
         recon, target = recon.to(wide), target.to(wide)
         if lengths is not None:
             # The padding is zeroed before any term is formed: whatever it holds (NaN, inf),

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..core.devices import accumulation_dtype
 from ..core.gradients import first_order_only, gated_grad
 from ..core.outputs import Combined, compute_dtype
 from ..core.settings import MRSTFTSettings
@@ -230,7 +231,7 @@ def recon_terms(recon: torch.Tensor, target: torch.Tensor,
     term ill-conditioned), and so may the weighted sum of the two terms, which the caller
     forms before rounding."""
     dtype = dtype or compute_dtype(recon, target)
-    acc = dtype if recon.device.type == "mps" else torch.float64
+    acc = accumulation_dtype(recon.device, dtype)
     recon, target = recon.to(dtype).to(acc), target.to(dtype).to(acc)
     rm, ri, tm, ti = recon[:, 0], recon[:, 1], target[:, 0], target[:, 1]
     count = tm.numel()
