@@ -4,7 +4,6 @@ sets, values and gradients in float64 and float32, noise and audio-like signals,
 mel filterbank against librosa's, bit for bit; the options auraloss computes itself (chroma,
 A-weighting) bit for bit; and our defined behaviour where auraloss 0.4.0 fails."""
 
-import logging
 import sys
 import types
 import warnings
@@ -62,6 +61,9 @@ OPTION_SETS = {
     "mel-eps": dict(MEL, eps=1e-4),
     "scale-invariance": dict(scale_invariance=True),
     "scale-invariance-mel-L2": dict(MEL, scale_invariance=True, mag_distance="L2"),
+    "a-weighting": dict(sample_rate=44100, perceptual_weighting=True),
+    "a-weighting-mel-L2-phase": dict(MEL, perceptual_weighting=True, mag_distance="L2",
+                                     w_phs=0.1),
 }
 # auraloss 0.4.0's scale invariance is right for one signal only (docs/loss.md).
 ONE_SIGNAL = {"scale-invariance", "scale-invariance-mel-L2"}
@@ -158,7 +160,7 @@ def test_float64_equals_auraloss(options, signals, backend, seed):
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("signals", sorted(SIGNALS))
 @pytest.mark.parametrize("options", ["L2", "phase", "mel", "mel-L2-lin-phase",
-                                     "scale-invariance"])
+                                     "scale-invariance", "a-weighting-mel-L2-phase"])
 def test_float32_by_the_spec_rule(options, signals, backend, seed):
     """float32 against the float64 oracle: 1e-5 on the loss; on each gradient no worse than
     max(1e-3, 2 x the float32 oracle's own error). With the phase term, the loss too takes
@@ -242,41 +244,57 @@ def test_single_resolution_classes_equal_aurlosss(kind, backend, seed):
 
 
 # --------------------------------------------------------------------------------------------
-# Computed by auraloss itself, bit for bit
+# A-weighting: auraloss's FIR, then our STFT terms
 # --------------------------------------------------------------------------------------------
 
-DELEGATED = {
-    "a-weighting": dict(sample_rate=44100, perceptual_weighting=True),
-    "a-weighting-mel-L2": dict(sample_rate=8000, perceptual_weighting=True, scale="mel",
-                               n_bins=6, mag_distance="L2", w_phs=0.1),
-}
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_a_weighting_filters_with_aurlosss_taps_and_calls_no_auraloss(backend, seed,
+                                                                        monkeypatch):
+    """The FIR is auraloss's (its taps, bit for bit), and the rest is ours: auraloss's
+    ``STFTLoss.forward`` is never called (it computes ``torch.angle``, which MPS lacks)."""
+    from distill_fused.core.settings import a_weighting_taps
+    theirs = auraloss.perceptual.FIRFilter(filter_type="aw", fs=22050).fir.weight
+    assert torch.equal(a_weighting_taps(22050), theirs.detach().reshape(-1))
+
+    def refused(*args, **kwargs):
+        raise AssertionError("auraloss's STFTLoss was called")
+
+    x, y = audio_like(seed, 2, 1)
+    module = MultiResolutionSTFTLoss(**SIZES, **OPTION_SETS["a-weighting"], backend=backend)
+    monkeypatch.setattr(auraloss.freq.STFTLoss, "forward", refused)
+    assert module(x, y).isfinite()
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-@pytest.mark.parametrize("options", sorted(DELEGATED))
-def test_delegated_options_are_aurlosss_bit_for_bit(options, backend, seed, caplog):
-    x, y = noise(seed, 2, 2, dtype=torch.float32)
-    kwargs = DELEGATED[options]
-    torch.manual_seed(0)
-    theirs = auraloss.freq.MultiResolutionSTFTLoss(**SIZES, **kwargs)
-    ours = MultiResolutionSTFTLoss(**SIZES, **kwargs, backend=backend)
-    with caplog.at_level(logging.DEBUG, logger="distill_fused"):
-        got = stft_value_and_grads(ours, x, y, torch.float32)
-    ref = oracle_value_and_grads(theirs, x, y, torch.float32)
-    for a, b in zip(got, ref):
-        assert torch.equal(a, b)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_a_weighting_in_the_combined_loss_of_a_padded_batch(reduction, backend, seed):
+    """The combined loss with an A-weighting module and ``lengths``: the FIR filters each
+    example's crop ``[H, :L_b]`` read row-major (its taps reach across rows, as in the
+    flattened signal auraloss filters), against the reference (auraloss on each crop for
+    ``none``, the batch-level sums over the crops for ``mean``)."""
+    from conftest import make_batch
+    from distill_fused import compute_combined_loss
+    module = MultiResolutionSTFTLoss([16, 32], [4, 7], [16, 25], sample_rate=8000,
+                                     perceptual_weighting=True, w_phs=0.2)
+    batch = make_batch("realistic", torch.float64, seed, batch=3, height=6, width=37)
+    lengths = torch.tensor([37, 20, 9])
+    weights = torch.rand(3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
+    def run(name):
+        leaves = [t.clone().requires_grad_() for t in batch]
+        out = compute_combined_loss(*leaves, _stft_loss_fn=module, kl_weight=0.1,
+                                    reduction=reduction, lengths=lengths, backend=name)
+        total = (out["total_loss"] * weights).sum() if reduction == "none" \
+            else out["total_loss"]
+        total.backward()
+        return out, [leaf.grad for leaf in leaves]
 
-def test_delegation_is_logged_once(caplog, seed):
-    from distill_fused.api import stft_module
-    x, y = noise(seed, 1, 1, dtype=torch.float32)
-    stft_module._delegation_logged.discard("perceptual_weighting")
-    module = MultiResolutionSTFTLoss(**SIZES, **DELEGATED["a-weighting"], backend="torch")
-    with caplog.at_level(logging.DEBUG, logger="distill_fused"):
-        module(x, y)
-        module(x, y)
-    said = [r.getMessage() for r in caplog.records if "computed by auraloss" in r.getMessage()]
-    assert len(said) == 1 and "perceptual_weighting" in said[0]
+    (out, grads), (ref, ref_grads) = run(backend), run("reference")
+    for key in ref:
+        assert rel_err(out[key], ref[key]) <= 1e-10, key
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) <= 1e-8
+    assert not grads[0][1, :, :, 20:].any() and not grads[0][2, :, :, 9:].any()
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,11 +384,12 @@ def test_float64_signals_with_mel_work(seed):
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
-def test_options_per_example_with_lengths(reduction, backend, seed):
-    """``lengths`` and every reduction with mel, L2, lin and phase: ``none`` against auraloss
-    on each cropped example alone, ``mean`` against the batch-level sums over the crops
-    (the reference backend, from auraloss's own STFT and filterbank)."""
-    kwargs = OPTION_SETS["mel-L2-lin-phase"]
+@pytest.mark.parametrize("options", ["mel-L2-lin-phase", "a-weighting-mel-L2-phase"])
+def test_options_per_example_with_lengths(options, reduction, backend, seed):
+    """``lengths`` and every reduction with mel, L2, lin and phase (and A-weighting): ``none``
+    against auraloss on each cropped example alone, ``mean`` against the batch-level sums over
+    the crops (the reference backend, from auraloss's own STFT and filterbank)."""
+    kwargs = OPTION_SETS[options]
     x, y = audio_like(seed, 3, 2)
     lengths = torch.tensor([LENGTH, 41, 100])
     module = MultiResolutionSTFTLoss(**SIZES, **kwargs, reduction=reduction, backend=backend)
@@ -500,8 +519,8 @@ def test_unknown_argument_is_a_type_error():
 @pytest.mark.parametrize("options", ["mel-L2-lin-phase", "phase", "a-weighting"])
 def test_combined_loss_with_an_options_module(options, backend, seed):
     """``compute_combined_loss(_stft_loss_fn=our module)`` with auraloss's options: the
-    per-example path (A-weighting: the module called as given) against the seed's computation
-    with auraloss's module of the same options."""
+    per-example path against the seed's computation with auraloss's module of the same
+    options."""
     from conftest import assert_same_results, make_batch, run_loss
     kwargs = OPTION_SETS.get(options) or dict(sample_rate=8000, perceptual_weighting=True)
     kwargs = dict(kwargs, sample_rate=8000) if "sample_rate" in kwargs else kwargs

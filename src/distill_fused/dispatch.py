@@ -10,12 +10,15 @@ per-example variants (``reduction``, ``lengths``, per-resolution terms and weigh
   and for CPU tensors under ``TRITON_INTERPRET=1``. It imports Triton, so it is loaded on first
   use (and at import where it can serve, below); an ``ImportError`` makes it unavailable.
 
-``auto`` picks ``triton`` for CUDA tensors when Triton imports, else ``torch``, and says why in a
-debug message of the ``distill_fused`` logger (once per reason, outside any traced code:
-``logging.getLogger("distill_fused").setLevel(logging.DEBUG)`` shows it). An unknown or
-unavailable name is a ``ValueError`` listing the backends available for the tensors at hand.
-The API layer (``api/``) passes the name, and where it came from; nothing below imports this
-module.
+``auto`` picks ``triton`` for tensors on a device Triton compiles for (CUDA,
+``core/devices.py``) when Triton imports, verified once per plan against ``torch``
+(``verification.py``: a plan whose kernels raise or differ runs on ``torch`` from then on, with
+a warning), else ``torch``, and says why in a debug message of the ``distill_fused`` logger (once
+per reason, outside any traced code: ``logging.getLogger("distill_fused").setLevel(logging.DEBUG)``
+shows it). ``verify``: ``False`` makes ``auto`` trust ``triton`` unchecked; ``True`` makes an
+explicit ``triton`` check each plan too, and raise where it fails. An unknown or unavailable
+name is a ``ValueError`` listing the backends available for the tensors at hand. The API layer
+(``api/``) passes the name, and where it came from; nothing below imports this module.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ import logging
 import os
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, List, Optional, Set
+from typing import Callable, List, Optional, Set, Tuple
 
 import torch
 
+from . import verification
 from .backends import per_example, reference, torch_backend
+from .core.devices import policy
 from .core.tracing import tracing
 
 NAMES = ("auto", "reference", "torch", "triton")
@@ -51,6 +56,7 @@ TORCH = Backend("torch", torch_backend.combined_loss, torch_backend.mrstft_loss,
                 partial(per_example.mrstft_loss, sums=per_example.TorchSums))
 
 _triton: Optional[Backend] = None
+_verified_triton: dict = {}  # strict -> the triton backend verified against torch
 _triton_import_error: Optional[str] = None
 _auto_reasons_logged: Set[str] = set()
 logger = logging.getLogger("distill_fused")
@@ -72,6 +78,20 @@ def _load_triton() -> Optional[Backend]:
     return _triton
 
 
+def _verified(strict: bool) -> Backend:
+    """The ``triton`` backend, each function verified against ``torch``'s once per plan
+    (``strict``: a failed plan raises instead of running on ``torch``)."""
+    backend = _verified_triton.get(strict)
+    if backend is None:
+        triton = _load_triton()
+        functions = {name: verification.verified(name, getattr(triton, name),
+                                                 getattr(TORCH, name), strict=strict)
+                     for name in ("combined_loss", "mrstft_loss", "combined_loss_per_example",
+                                  "mrstft_loss_per_example")}
+        backend = _verified_triton[strict] = Backend("triton", **functions)
+    return backend
+
+
 def _triton_usable(device: torch.device) -> bool:
     """Triton runs CUDA tensors, and CPU tensors under its interpreter."""
     interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
@@ -88,9 +108,11 @@ def available_backends(device) -> List[str]:
     return names
 
 
-def select_backend(device, name: str = "auto", source: str = "the backend argument") -> Backend:
+def select_backend(device, name: str = "auto", source: str = "the backend argument",
+                   verify: Optional[bool] = None) -> Backend:
     """The backend named ``name`` (``source``: where the name came from, for the error) for
-    tensors on ``device``."""
+    tensors on ``device``; ``verify``: whether ``triton`` is verified against ``torch``
+    (``None``: where ``auto`` picked it)."""
     device = torch.device(device)
     if name == "reference":
         return REFERENCE
@@ -101,27 +123,40 @@ def select_backend(device, name: str = "auto", source: str = "the backend argume
                          f"{device.type} tensors: "
                          f"{', '.join(['auto'] + available_backends(device))}")
     if name == "auto":
-        return _auto(device)
+        return _auto(device, verify)
     if not _triton_usable(device):
         why = _triton_import_error or (
             "Triton runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1")
         raise ValueError(f"loss backend {name!r} is not available for {device.type} tensors "
                          f"here ({why}); available: "
                          f"{', '.join(['auto'] + available_backends(device))}")
-    return _load_triton()
+    return _verified(strict=True) if verify else _load_triton()
 
 
-def _auto(device: torch.device) -> Backend:
-    """``auto``'s choice for tensors on ``device``, logged (at DEBUG) the first time each reason
-    holds."""
-    if device.type == "cuda" and _triton_usable(device):
-        chosen, why = _load_triton(), "CUDA tensors, and Triton imports"
-    elif device.type == "cuda":
-        chosen, why = TORCH, f"CUDA tensors, but Triton does not import ({_triton_import_error})"
+def auto_choice(device, verify: Optional[bool] = None) -> Tuple[Backend, str]:
+    """``auto``'s choice for tensors on ``device``, and why, in words."""
+    device = torch.device(device)
+    compiled = policy(device).compiled_triton
+    if compiled and _triton_usable(device) and verify is False:
+        chosen, why = _load_triton(), (f"{device.type} tensors, and Triton imports (verify=False: "
+                                       "trusted without a check)")
+    elif compiled and _triton_usable(device):
+        chosen, why = _verified(strict=False), (
+            f"{device.type} tensors, and Triton imports: each plan's first call is verified "
+            "against the torch backend")
+    elif compiled:
+        chosen, why = TORCH, (f"{device.type} tensors, but Triton does not import "
+                              f"({_triton_import_error})")
     else:
         chosen, why = TORCH, (f"{device.type} tensors: the triton backend runs CUDA tensors "
                               "(auto never picks Triton's interpreter; name backend='triton' "
                               "under TRITON_INTERPRET=1 for that)")
+    return chosen, why
+
+
+def _auto(device: torch.device, verify: Optional[bool] = None) -> Backend:
+    """``auto_choice``, logged (at DEBUG) the first time each reason holds."""
+    chosen, why = auto_choice(device, verify)
     if not tracing() and why not in _auto_reasons_logged:
         _auto_reasons_logged.add(why)
         logger.debug("loss backend auto -> %s: %s", chosen.name, why)

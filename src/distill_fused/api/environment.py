@@ -12,6 +12,10 @@ variable                   the default of                           values
                                                                     (default), ``shared``
 ``DISTILL_NONFINITE``      ``nonfinite=`` (after                    ``silent`` (default),
                            ``set_nonfinite_mode``)                  ``count``, ``warn``
+``DISTILL_VERIFY``         ``verify=``                              unset (default: ``auto``
+                                                                    verifies triton, an
+                                                                    explicit ``triton`` does
+                                                                    not), ``1``, ``0``
 =========================  =======================================  ==========================
 
 They are read at each call that leaves the argument out, so that a variable set after import
@@ -26,6 +30,7 @@ from typing import Optional, Tuple
 BACKEND_VAR = "DISTILL_LOSS_BACKEND"
 FFT_GROUPING_VAR = "DISTILL_FFT_GROUPING"
 NONFINITE_VAR = "DISTILL_NONFINITE"
+VERIFY_VAR = "DISTILL_VERIFY"
 
 FFT_GROUPINGS = ("per_resolution", "shared")
 
@@ -57,3 +62,19 @@ def fft_grouping(argument: Optional[str]) -> str:
 def nonfinite_mode_variable() -> Optional[str]:
     """``DISTILL_NONFINITE`` as set (``None`` where it is unset or empty)."""
     return os.environ.get(NONFINITE_VAR) or None
+
+
+def verify_choice(argument: Optional[bool]) -> Optional[bool]:
+    """Whether the ``triton`` backend is verified against ``torch`` once per plan: the
+    ``verify`` argument, else ``DISTILL_VERIFY`` (``1`` or ``0``), else ``None`` (where ``auto``
+    picks it); a ``ValueError`` naming its source for any other value."""
+    if argument is not None:
+        if not isinstance(argument, bool):
+            raise TypeError(f"verify must be True, False or None, got {argument!r}")
+        return argument
+    value = os.environ.get(VERIFY_VAR)
+    if not value:
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"{VERIFY_VAR} must be 1 or 0 (or unset), got {value!r}")
+    return value == "1"

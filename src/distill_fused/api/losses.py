@@ -74,9 +74,7 @@ def _stft_term(loss_config: LossConfig, stft_loss_fn):
     if stft_loss_fn is None:
         return _config_settings(loss_config)
     if isinstance(stft_loss_fn, MultiResolutionSTFTLoss):
-        settings = stft_loss_fn.settings
-        # A-weighting is auraloss's own computation: the module, called as given, does it.
-        return stft_loss_fn if settings.delegated else settings
+        return stft_loss_fn.settings
     settings = settings_from_auraloss(stft_loss_fn)
     if settings is not None:
         # Keep one settings object per auraloss instance (its per-device caches with it).
@@ -115,6 +113,7 @@ def compute_combined_loss(
     reduction: str = "mean",
     lengths: Optional[torch.Tensor] = None,
     per_resolution_terms: bool = False,
+    verify: Optional[bool] = None,
 ) -> Dict[str, torch.Tensor]:
     """The combined VAE loss (see the module docstring) as a dict of 0-dim tensors with keys
     ``total_loss, stft_loss, mag_recon_loss, if_recon_loss, kl_loss, recon_loss``, all in one
@@ -149,6 +148,13 @@ def compute_combined_loss(
     sizes divide each other: fewer launches, computed in float64); default: the environment
     variable ``DISTILL_FFT_GROUPING``, else ``per_resolution``. The other backends run one FFT
     per resolution.
+    ``verify``: whether the ``triton`` backend's results are checked against the ``torch``
+    backend's at the first eager call of each plan (shapes, dtypes, device, options; one host
+    sync then, none after). Default (``None``; the environment variable ``DISTILL_VERIFY``,
+    ``1`` or ``0``, where set): ``auto`` verifies, and runs a plan that fails on ``torch``
+    from then on, with a warning; an explicit ``triton`` does not. ``True``: an explicit
+    ``triton`` verifies too, and raises ``RuntimeError`` where a plan fails. ``False``:
+    ``auto`` trusts ``triton`` unchecked. (docs/backends.md)
 
     NaN and inf give the reference's non-finite values and gradients, element by element. The
     ``torch`` and ``triton`` backends give first-order gradients only: differentiating their
@@ -156,6 +162,7 @@ def compute_combined_loss(
     """
     mode = nonfinite_mode(nonfinite)
     grouping = environment.fft_grouping(fft_grouping)
+    verify = environment.verify_choice(verify)
     loss_config = as_loss_config(loss_config)
     stft = _stft_term(loss_config, _stft_loss_fn)
     kl_weight = check_combined_inputs(recon, target, mu, logvar, kl_weight, stft)
@@ -163,13 +170,13 @@ def compute_combined_loss(
                and not (isinstance(stft, MRSTFTSettings)
                         and (stft.weighted_resolutions or not stft.plain)))
     if default:
-        chosen = select_backend(recon.device, *environment.backend_choice(backend))
+        chosen = select_backend(recon.device, *environment.backend_choice(backend), verify)
         losses, finite = chosen.combined_loss(recon, target, mu, logvar, loss_config,
                                               kl_weight, stft, fft_grouping=grouping)
     else:
         options = _per_example_options(recon, stft, _stft_loss_fn, reduction, lengths,
                                        per_resolution_terms)
-        chosen = select_backend(recon.device, *environment.backend_choice(backend))
+        chosen = select_backend(recon.device, *environment.backend_choice(backend), verify)
         losses, finite = chosen.combined_loss_per_example(recon, target, mu, logvar,
                                                           loss_config, kl_weight, stft, options)
     record(finite, mode)

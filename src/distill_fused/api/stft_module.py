@@ -4,7 +4,6 @@ arguments (the math: ``distill_fused.core.settings``)."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
@@ -12,12 +11,9 @@ import torch
 from ..core.options import Options
 from ..core.settings import MRSTFTSettings, make_settings
 from ..core.tracing import tracing
-from ..dispatch import REFERENCE, select_backend
+from ..dispatch import select_backend
 from . import environment
 from .checks import check_lengths, check_reduction, check_signals
-
-logger = logging.getLogger("distill_fused")
-_delegation_logged = set()
 
 # The attributes the loss is planned from, in ``make_settings``'s order (positional first).
 _POSITIONAL = ("fft_sizes", "hop_sizes", "win_lengths", "window", "w_sc", "w_log_mag",
@@ -36,10 +32,9 @@ class MultiResolutionSTFTLoss(torch.nn.Module):
     ``sample_rate`` and ``n_bins``: one int, or here also one per resolution; chroma needs
     librosa), ``mag_distance="L2"``, ``eps``, ``scale_invariance``, ``output="full"``
     (``(loss, [sc_r], [log_mag_r], [lin_mag_r], [phs_r])``, 0.0 for a term whose weight is 0)
-    and ``device`` (accepted: filterbanks are made on each input's device) are computed by the
-    selected backend. ``perceptual_weighting`` is computed by auraloss itself (the
-    ``reference`` backend, whatever is selected; a debug message of the ``distill_fused``
-    logger says so once).
+    ``perceptual_weighting`` (auraloss's A-weighting FIR, before the STFT) and ``device``
+    (accepted: filterbanks are made on each input's device) are computed by the selected
+    backend.
 
     ``reduction``: ``"mean"`` (auraloss's batch-level loss), ``"none"`` (``[B]``: example b's
     loss as a batch of one) or ``"sum"`` (their sum). This is not auraloss's ``reduction``,
@@ -50,9 +45,11 @@ class MultiResolutionSTFTLoss(torch.nn.Module):
     ``MRSTFT = (1/R) sum_r rw_r L_r`` (default all 1).
 
     Beyond auraloss's arguments: ``backend`` (default: ``DISTILL_LOSS_BACKEND``, else
-    ``auto``) and ``fft_grouping`` (the ``triton`` backend's: ``per_resolution`` or
+    ``auto``), ``fft_grouping`` (the ``triton`` backend's: ``per_resolution`` or
     ``shared``; default: ``DISTILL_FFT_GROUPING``, else ``per_resolution``; the default call
-    only), read at each call."""
+    only) and ``verify`` (as ``compute_combined_loss``'s: whether the ``triton`` backend is
+    checked against ``torch`` at each plan's first call; default: ``DISTILL_VERIFY``, else
+    where ``auto`` picks it), read at each call."""
 
     def __init__(
         self,
@@ -78,6 +75,7 @@ class MultiResolutionSTFTLoss(torch.nn.Module):
         resolution_weights: Optional[Sequence[float]] = None,
         backend: Optional[str] = None,
         fft_grouping: Optional[str] = None,
+        verify: Optional[bool] = None,
     ) -> None:
         super().__init__()
         self.fft_sizes, self.hop_sizes, self.win_lengths = fft_sizes, hop_sizes, win_lengths
@@ -102,6 +100,8 @@ class MultiResolutionSTFTLoss(torch.nn.Module):
         if fft_grouping is not None:
             environment.fft_grouping(fft_grouping)  # checked now, as the other arguments
         self.fft_grouping = fft_grouping
+        environment.verify_choice(verify)  # checked now, as the other arguments
+        self.verify = verify
         self._settings, self._settings_key = s, self._current_key()
 
     def _make_settings(self) -> MRSTFTSettings:
@@ -133,18 +133,18 @@ class MultiResolutionSTFTLoss(torch.nn.Module):
         [phs_r])``."""
         settings = self.settings
         grouping = environment.fft_grouping(self.fft_grouping)
+        verify = environment.verify_choice(self.verify)
         check_signals(input, target, settings)
         full = self.output == "full"
         if (self.reduction == "mean" and lengths is None and not full and settings.plain
                 and not settings.weighted_resolutions):
-            backend = select_backend(input.device, *environment.backend_choice(self.backend))
+            backend = select_backend(input.device, *environment.backend_choice(self.backend),
+                                     verify)
             return backend.mrstft_loss(input, target, settings, fft_grouping=grouping)
         options = Options(check_reduction(self.reduction), check_lengths(
             lengths, batch=input.shape[0], width=input.shape[-1], shortest=settings.min_length,
             device=input.device, axis="samples"), per_resolution_terms=full)
-        backend = select_backend(input.device, *environment.backend_choice(self.backend))
-        if settings.delegated:
-            backend = _delegate(settings)
+        backend = select_backend(input.device, *environment.backend_choice(self.backend), verify)
         result = backend.mrstft_loss_per_example(input, target, settings, options)
         return self._as_auraloss_full(*result) if full else result
 
@@ -163,16 +163,6 @@ class MultiResolutionSTFTLoss(torch.nn.Module):
                     "mag_distance": "L1", "output": "loss", "reduction": "mean"}
         extra = [f"{k}={getattr(self, k)!r}" for k, v in defaults.items() if getattr(self, k) != v]
         return ", ".join([text, *extra])
-
-
-def _delegate(settings: MRSTFTSettings):
-    """The ``reference`` backend (auraloss itself), for options without a fast path here."""
-    why = "perceptual_weighting"
-    if not tracing() and why not in _delegation_logged:
-        _delegation_logged.add(why)
-        logger.debug("MultiResolutionSTFTLoss with %s: computed by auraloss (the reference "
-                     "backend), there is no fast path for it", why)
-    return REFERENCE
 
 
 class STFTLoss(MultiResolutionSTFTLoss):

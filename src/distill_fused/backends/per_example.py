@@ -453,8 +453,39 @@ class _STFTTerm(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
+def a_weighted(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings,
+               lengths: Optional[torch.Tensor]):
+    """``(x, y, lengths)`` as the STFT term reads them. With ``perceptual_weighting``, each
+    signal (example b's ``[H, :L_b]`` crop read row-major, ``n_b = H L_b`` samples; the whole
+    block without ``lengths``) filtered by auraloss's A-weighting FIR as auraloss filters it,
+    ``conv1d`` with zero padding (``core/settings.py``): returned as ``[B, C, 1, H W]``
+    signals whose first ``n_b`` samples are valid (``lengths`` becomes ``n_b``). Autograd
+    differentiates the filter (its adjoint is the same correlation, reversed); padding is
+    never read, and gets no gradient. Otherwise the arguments as they are."""
+    taps = settings.prefilter(x.device, x.dtype)
+    if taps is None:
+        return x, y, lengths
+    batch, channels, height, width = x.shape
+    n = height * width
+    signals = torch.cat([x, y]).reshape(2 * batch, channels, n)
+    if lengths is not None:
+        # Position j of example b's crop reads column j % L_b of row j // L_b.
+        j = torch.arange(n, device=x.device)[None, :]
+        crop = lengths.repeat(2)[:, None]
+        row = j // crop
+        valid = j < height * crop
+        source = torch.where(valid, row * width + (j - row * crop), 0)
+        signals = torch.where(valid[:, None, :], torch.gather(
+            signals, 2, source[:, None, :].expand(-1, channels, -1)), 0.0)
+    filtered = F.conv1d(signals.reshape(-1, 1, n), taps, padding=taps.shape[-1] // 2)
+    x, y = filtered.reshape(2 * batch, channels, 1, n).chunk(2)
+    return x, y, None if lengths is None else lengths * height
+
+
 def _stft_term(x, y, settings, reduction, lengths, sums):
-    """``(MRSTFT, terms)``: ``[B]`` each (``none``, ``sum``) or 0-dim (``mean``)."""
+    """``(MRSTFT, terms)`` of ``[B, C, H, W]`` signals: ``[B]`` each (``none``, ``sum``) or
+    0-dim (``mean``)."""
+    x, y, lengths = a_weighted(x, y, settings, lengths)
     mrstft, *terms = _STFTTerm.apply(x, y, settings, reduction, lengths, sums)
     names = [name for r in range(len(settings.resolutions))
              for _, name, _ in _term_names(settings, r)]

@@ -25,7 +25,10 @@ auraloss's other options change the magnitudes the terms are formed from, or add
     scale_invariance:  |Y| -> alpha |Y|, alpha = sum |X||Y| / sum |Y|^2 over each signal's
                   frames and bins (auraloss 0.4.0 means this, but broadcasts alpha over the
                   bins axis: see docs/loss.md)
-    perceptual_weighting:  computed by auraloss itself (``delegated``)
+    perceptual_weighting:  x -> a * x, y -> a * y before the STFT: auraloss's 101-tap
+                  A-weighting FIR ``a`` (``scipy.signal.firls`` fitted to the A-weighting
+                  curve at ``sample_rate``; taps ``prefilter_taps``), applied as auraloss
+                  applies it, ``conv1d`` with zero padding of 50 samples on each side
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ class MRSTFTSettings:
     scale_invariance: bool = False
     # Each resolution's filterbank, float32 as librosa's (``scale`` set), else ``None``.
     filterbanks: Tuple[Optional[torch.Tensor], ...] = ()
+    # auraloss's A-weighting FIR taps, float32 as auraloss's (``perceptual_weighting``).
+    prefilter_taps: Optional[torch.Tensor] = None
     # Per-device derived tensors (padded windows, ...) so that a step makes no host copies.
     cache: dict = field(default_factory=dict, repr=False)
 
@@ -79,12 +84,6 @@ class MRSTFTSettings:
         those: ``backends/per_example.py``)."""
         return self.resolution_weights is not None and any(
             w != 1.0 for w in self.resolution_weights)
-
-    @property
-    def delegated(self) -> bool:
-        """Whether auraloss itself computes the loss (the ``reference`` backend, on every
-        backend): A-weighting, which has no fast path here."""
-        return self.perceptual_weighting
 
     @property
     def plain(self) -> bool:
@@ -110,15 +109,24 @@ class MRSTFTSettings:
         made once per device and dtype (a step then copies nothing from the host); a traced
         step makes its own and keeps none."""
         bank = self.filterbanks[index] if self.filterbanks else None
-        if bank is None:
-            return None
-        key = ("filterbank", index, torch.device(device), dtype)
-        value = self.cache.get(key)
-        if value is None:
-            value = bank.to(device=device, dtype=dtype)
+        return None if bank is None else self._on_device(("filterbank", index), bank, device,
+                                                         dtype)
+
+    def prefilter(self, device, dtype) -> Optional[torch.Tensor]:
+        """The A-weighting FIR as ``conv1d`` weights ``[1, 1, taps]`` on ``device`` in
+        ``dtype`` (``None`` without ``perceptual_weighting``), kept as ``filterbank`` is."""
+        taps = self.prefilter_taps
+        return None if taps is None else self._on_device(("prefilter",), taps.view(1, 1, -1),
+                                                         device, dtype)
+
+    def _on_device(self, key: tuple, value: torch.Tensor, device, dtype) -> torch.Tensor:
+        key = (*key, torch.device(device), dtype)
+        kept = self.cache.get(key)
+        if kept is None:
+            kept = value.to(device=device, dtype=dtype)
             if not tracing():
-                self.cache[key] = value
-        return value
+                self.cache[key] = kept
+        return kept
 
 
 def make_settings(
@@ -186,7 +194,16 @@ def make_settings(
         scale_invariance=bool(scale_invariance),
         filterbanks=tuple(_filterbank(scale, sample_rate, n_fft, n)
                           for n_fft, n in zip(fft_sizes, bins)),
+        prefilter_taps=a_weighting_taps(sample_rate) if perceptual_weighting else None,
     )
+
+
+def a_weighting_taps(sample_rate: float) -> torch.Tensor:
+    """auraloss's A-weighting FIR at ``sample_rate``: its 101 taps, float32 (auraloss's own
+    ``FIRFilter(filter_type="aw")`` makes them)."""
+    from auraloss.perceptual import FIRFilter
+
+    return FIRFilter(filter_type="aw", fs=sample_rate).fir.weight.detach().reshape(-1).clone()
 
 
 def _filterbank(scale, sample_rate, n_fft: int, n_bins) -> Optional[torch.Tensor]:
