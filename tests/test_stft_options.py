@@ -266,6 +266,20 @@ def test_a_weighting_filters_with_aurlosss_taps_and_calls_no_auraloss(backend, s
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_a_weighting_in_blocks_equals_aurlosss(backend, seed, monkeypatch):
+    """Signals longer than ``FIR_BLOCK`` are filtered in blocks (MPS refuses longer
+    convolutions on macOS 14 and 15.0): the same loss and gradients, here with blocks of 40
+    samples, shorter than the filter."""
+    from distill_fused.backends import per_example
+    monkeypatch.setattr(per_example, "FIR_BLOCK", 40)
+    kwargs = OPTION_SETS["a-weighting-mel-L2-phase"]
+    x, y = audio_like(seed, 2, 2)
+    ref = oracle_value_and_grads(auraloss_of(kwargs), x, y)
+    got = stft_value_and_grads(MultiResolutionSTFTLoss(**SIZES, **kwargs, backend=backend), x, y)
+    assert_close(got, ref, 1e-10, 1e-8)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_a_weighting_in_the_combined_loss_of_a_padded_batch(reduction, backend, seed):
     """The combined loss with an A-weighting module and ``lengths``: the FIR filters each

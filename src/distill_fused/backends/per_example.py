@@ -57,7 +57,7 @@ from ..core.gradients import first_order_only
 from ..core.options import Options
 from ..core.outputs import LOSS_KEYS, compute_dtype
 from ..core.settings import MRSTFTSettings
-from .torch_backend import cached, half_spectrum_weights, overlap_add
+from .torch_backend import cached, half_spectrum_weights, overlap_add, reflect_pad_adjoint
 
 IF_EPS = 1e-8
 
@@ -124,9 +124,7 @@ def signal_gradient(grad_spec: torch.Tensor, settings: MRSTFTSettings, index: in
     padded = overlap_add(frames.reshape(rows * channels, n_frames, res.n_fft), res.hop,
                          length + 2 * pad)
     if source is None:
-        like = padded.new_empty(rows * channels, length)
-        return torch.ops.aten.reflection_pad1d_backward(padded, like, [pad, pad]).view(
-            rows, channels, length)
+        return reflect_pad_adjoint(padded, pad).view(rows, channels, length)
     out = padded.new_zeros(rows, channels, length)
     return out.scatter_add_(2, source[:, None, :].expand(-1, channels, -1),
                             padded.view(rows, channels, -1))
@@ -477,9 +475,28 @@ def a_weighted(x: torch.Tensor, y: torch.Tensor, settings: MRSTFTSettings,
         source = torch.where(valid, row * width + (j - row * crop), 0)
         signals = torch.where(valid[:, None, :], torch.gather(
             signals, 2, source[:, None, :].expand(-1, channels, -1)), 0.0)
-    filtered = F.conv1d(signals.reshape(-1, 1, n), taps, padding=taps.shape[-1] // 2)
+    filtered = _fir(signals.reshape(-1, n), taps)
     x, y = filtered.reshape(2 * batch, channels, 1, n).chunk(2)
     return x, y, None if lengths is None else lengths * height
+
+
+# MPS on macOS 14 and 15.0 refuses a convolution with an output dimension past 65536
+# (pytorch/pytorch#142515, torch 2.13): longer signals are filtered in blocks of this length.
+FIR_BLOCK = 65536
+
+
+def _fir(signals: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """``[N, n]`` signals correlated with ``taps`` (``[1, 1, k]``, k odd) with zero padding of
+    ``k // 2`` on each side (``conv1d(padding=k // 2)``), in blocks of at most ``FIR_BLOCK``
+    output samples: each block reads its ``k - 1`` neighbours, so the result is the same."""
+    n, half = signals.shape[-1], taps.shape[-1] // 2
+    if n <= FIR_BLOCK:
+        return F.conv1d(signals[:, None], taps, padding=half)[:, 0]
+    blocks = -(-n // FIR_BLOCK)
+    padded = F.pad(signals, (half, blocks * FIR_BLOCK - n + half))
+    windows = padded.unfold(-1, FIR_BLOCK + 2 * half, FIR_BLOCK)
+    out = F.conv1d(windows.reshape(-1, 1, FIR_BLOCK + 2 * half), taps)
+    return out.reshape(signals.shape[0], blocks * FIR_BLOCK)[:, :n]
 
 
 def _stft_term(x, y, settings, reduction, lengths, sums):

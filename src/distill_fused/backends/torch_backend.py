@@ -60,6 +60,23 @@ def overlap_add(frames: torch.Tensor, hop: int, length: int) -> torch.Tensor:
     return out[:, :length]
 
 
+def reflect_pad_adjoint(padded: torch.Tensor, pad: int) -> torch.Tensor:
+    """Adjoint of reflect-padding ``[..., T]`` by ``pad`` samples on each side (``pad < T``):
+    ``[..., T + 2 pad]`` back to ``[..., T]``. Sample ``t`` of the signal appears at ``pad + t``,
+    and, reflected, at ``pad - t`` (for ``1 <= t <= pad``) and at ``pad + 2 (T - 1) - t`` (for
+    ``T - 1 - pad <= t <= T - 2``), so its gradient is the sum of those three places.
+
+    Slices and flips, not ``aten.reflection_pad1d_backward``: that kernel returns wrong
+    gradients on MPS for padded lengths past 65536 (pytorch/pytorch#196949, torch 2.13) and
+    adds with atomics on CUDA (rounding that varies run to run); this sums in one fixed order
+    on every device."""
+    length = padded.shape[-1] - 2 * pad
+    grad = padded[..., pad:pad + length].clone()
+    grad[..., 1:pad + 1] += padded[..., :pad].flip(-1)
+    grad[..., length - 1 - pad:length - 1] += padded[..., pad + length:].flip(-1)
+    return grad
+
+
 def _stft_adjoint(grad_spec: torch.Tensor, window: torch.Tensor, hop: int,
                   like: torch.Tensor) -> torch.Tensor:
     """Adjoint of ``torch.stft(center=True, pad_mode="reflect", onesided=True)``.
@@ -72,8 +89,7 @@ def _stft_adjoint(grad_spec: torch.Tensor, window: torch.Tensor, hop: int,
     pad = n_fft // 2
     frames = torch.fft.irfft(grad_spec, n=n_fft, dim=-1, norm="forward")
     frames.mul_(window)
-    padded = overlap_add(frames, hop, like.shape[-1] + 2 * pad)
-    return torch.ops.aten.reflection_pad1d_backward(padded, like, [pad, pad])
+    return reflect_pad_adjoint(overlap_add(frames, hop, like.shape[-1] + 2 * pad), pad)
 
 
 def cached(settings: MRSTFTSettings, key, make, *args):
