@@ -11,7 +11,8 @@ KERNELS = ROOT / "kernels"  # installed as distill_fused.kernels
 # Layer of each part of the package, top first: a module may import its own layer and those
 # below it. The names the package hands on (its __init__, the command, the synthetic batches) sit
 # above the API.
-LAYERS = {"distill_fused": 5, "api": 4, "dispatch": 3, "backends": 2, "kernels": 1, "core": 0}
+LAYERS = {"distill_fused": 5, "api": 4, "dispatch": 3, "verification": 3, "backends": 2,
+          "kernels": 1, "core": 0}
 
 
 def _modules():

@@ -31,10 +31,10 @@ from typing import Callable, List, Optional, Set, Tuple
 
 import torch
 
-from . import verification
 from .backends import per_example, reference, torch_backend
 from .core.devices import policy
 from .core.tracing import tracing
+from .verification import verified
 
 NAMES = ("auto", "reference", "torch", "triton")
 
@@ -47,6 +47,7 @@ class Backend:
     combined_loss_per_example: Callable  # (recon, target, mu, logvar, config, kl_weight,
     #                                       stft, options)
     mrstft_loss_per_example: Callable    # (x, y, settings, options)
+    verified: bool = False  # each plan checked against torch at its first call
 
 
 REFERENCE = Backend("reference", reference.combined_loss, reference.mrstft_loss,
@@ -84,11 +85,11 @@ def _verified(strict: bool) -> Backend:
     backend = _verified_triton.get(strict)
     if backend is None:
         triton = _load_triton()
-        functions = {name: verification.verified(name, getattr(triton, name),
-                                                 getattr(TORCH, name), strict=strict)
+        functions = {name: verified(name, getattr(triton, name), getattr(TORCH, name),
+                                    strict=strict)
                      for name in ("combined_loss", "mrstft_loss", "combined_loss_per_example",
                                   "mrstft_loss_per_example")}
-        backend = _verified_triton[strict] = Backend("triton", **functions)
+        backend = _verified_triton[strict] = Backend("triton", **functions, verified=True)
     return backend
 
 
@@ -125,10 +126,8 @@ def select_backend(device, name: str = "auto", source: str = "the backend argume
     if name == "auto":
         return _auto(device, verify)
     if not _triton_usable(device):
-        why = _triton_import_error or (
-            "Triton runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1")
         raise ValueError(f"loss backend {name!r} is not available for {device.type} tensors "
-                         f"here ({why}); available: "
+                         f"here ({_triton_unavailable(device)}); available: "
                          f"{', '.join(['auto'] + available_backends(device))}")
     return _verified(strict=True) if verify else _load_triton()
 
@@ -152,6 +151,18 @@ def auto_choice(device, verify: Optional[bool] = None) -> Tuple[Backend, str]:
                               "(auto never picks Triton's interpreter; name backend='triton' "
                               "under TRITON_INTERPRET=1 for that)")
     return chosen, why
+
+
+def _triton_unavailable(device: torch.device) -> str:
+    """Why the triton backend cannot compute tensors on ``device`` here, and what would make it
+    (Triton installed, and CUDA tensors or the interpreter)."""
+    _load_triton()
+    if _triton_import_error is not None:
+        return (f"Triton is not installed: {_triton_import_error}. Install it with pip install "
+                "'distill-fused[triton]' (from a checkout: pip install '.[triton]'), or use a "
+                "CUDA build of torch, which brings it")
+    return ("Triton runs CUDA tensors, or CPU tensors under its interpreter (set "
+            "TRITON_INTERPRET=1 before Python starts: slow, for checking the kernels)")
 
 
 def _auto(device: torch.device, verify: Optional[bool] = None) -> Backend:

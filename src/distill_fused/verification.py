@@ -36,6 +36,7 @@ it raises ``RuntimeError`` (every call of it), and nothing is replaced.
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
 import logging
 import math
 import platform
@@ -354,8 +355,6 @@ def _first_line(exc: BaseException) -> str:
 
 def versions(args: Sequence = ()) -> str:
     """The GPU, its driver, and the versions of torch, Triton and this package, in words."""
-    from . import __version__
-
     parts = []
     device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
     if device is not None and device.type == "cuda":
@@ -371,8 +370,15 @@ def versions(args: Sequence = ()) -> str:
     except ImportError:
         triton_version = "not installed"
     parts += [f"torch {torch.__version__}", f"triton {triton_version}",
-              f"distill_fused {__version__}"]
+              f"distill_fused {_package_version()}"]
     return ", ".join(parts)
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("distill-fused")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def nvidia_driver_version() -> str:

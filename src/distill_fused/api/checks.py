@@ -118,7 +118,8 @@ def check_lengths(lengths, *, batch: int, width: int, shortest: int, device: tor
     ``[shortest, width]``) as an int64 tensor. Its values are checked on the host where they
     are there already (a CPU tensor, outside a traced step); elsewhere by an assertion on the
     device (``torch._assert_async``: no host sync, the error surfaces as a device-side
-    assertion)."""
+    assertion), or, where torch has none for the device (MPS before torch 2.13), on the host
+    (one sync)."""
     if lengths is None:
         return None
     if not isinstance(lengths, torch.Tensor):
@@ -138,7 +139,8 @@ def check_lengths(lengths, *, batch: int, width: int, shortest: int, device: tor
     in_range = (lengths >= shortest) & (lengths <= width)
     message = (f"lengths (valid {axis} of each example) must lie in [{shortest}, {width}]: "
                f"at most the padded size, and long enough for the STFT's reflect padding")
-    if policy(device).host and not tracing():
+    device_policy = policy(device)
+    if not tracing() and (device_policy.host or not device_policy.device_asserts):
         if not bool(in_range.all()):
             bad = lengths[~in_range].tolist()
             raise ValueError(f"{message}; got {bad}")

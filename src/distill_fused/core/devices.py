@@ -1,15 +1,16 @@
 """What each kind of device has, as far as this package's code needs to know: the one place
 where code asks "is this MPS?" or "is this a GPU Triton compiles for?".
 
-=========  ===========  ====================  ======================================
-device     ``host``     ``float64``           ``compiled_triton``
-=========  ===========  ====================  ======================================
-``cpu``    yes          yes                   no
-``cuda``   no           yes                   yes: ``auto`` picks the (verified)
-                                              ``triton`` backend there
-``mps``    no           no (nor complex128)   no
-other      no           yes                   no
-=========  ===========  ====================  ======================================
+=========  ========  ===================  =====================  ===========================
+device     ``host``  ``float64``          ``device_asserts``     ``compiled_triton``
+=========  ========  ===================  =====================  ===========================
+``cpu``    yes       yes                  (not needed)           no
+``cuda``   no        yes                  yes                    yes: ``auto`` picks the
+                                                                 (verified) ``triton``
+                                                                 backend there
+``mps``    no        no (nor complex128)  from torch 2.13        no
+other      no        yes                  no                     no
+=========  ========  ===================  =====================  ===========================
 
 The backends read ``policy(device)`` instead of ``device.type``, so that a test can apply one
 device's policy to another's tensors (``emulated``): CPU tensors under MPS's policy take
@@ -30,17 +31,25 @@ import torch
 class DevicePolicy:
     """``host``: its tensors live in host memory, so reading a value back costs no sync.
     ``float64``: the device has float64 and complex128 tensors (MPS has neither).
-    ``compiled_triton``: Triton compiles kernels for it, so ``auto`` picks ``triton``."""
+    ``device_asserts``: torch asserts on the device there (``torch._assert_async``, no sync);
+    MPS has it from torch 2.13 (pytorch/pytorch#186562), before which the op raises
+    ``NotImplementedError`` there. ``compiled_triton``: Triton compiles kernels for it, so
+    ``auto`` picks ``triton``."""
 
     host: bool = False
     float64: bool = True
+    device_asserts: bool = False
     compiled_triton: bool = False
+
+
+def _torch_at_least(major: int, minor: int) -> bool:
+    return tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (major, minor)
 
 
 POLICIES: Dict[str, DevicePolicy] = {
     "cpu": DevicePolicy(host=True),
-    "cuda": DevicePolicy(compiled_triton=True),
-    "mps": DevicePolicy(float64=False),
+    "cuda": DevicePolicy(device_asserts=True, compiled_triton=True),
+    "mps": DevicePolicy(float64=False, device_asserts=_torch_at_least(2, 13)),
 }
 DEFAULT = DevicePolicy()
 
