@@ -2,6 +2,12 @@
 poison and guard), 32-bit index math, float64 scalars as float32 pairs, torch's sign, and
 the scaling of a term's gradient by its incoming gradient.
 
+Counts that grow with the batch (signals, examples, programs of a grid, a row offset) are
+``do_not_specialize`` in every kernel: Triton specializes an integer argument on being 1 and on
+divisibility by 16, so the last, smaller batch of an epoch would otherwise compile each kernel
+anew (``tests/gpu_compile.py`` reports what a step compiles). Element counts that bound a
+tile's loads keep their specialization (divisibility lets loads be vectorized).
+
 Loops whose bound is a runtime argument are written ``while i < n: ... i += step``, not
 ``for i in range(0, n, step)``: Triton 3.6's interpreter turns such a bound into a Python int
 with ``int()`` of a size-1 array, which NumPy >= 2.4 refuses. Compiled, such a loop is an

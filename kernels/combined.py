@@ -75,7 +75,7 @@ BLOCK = 1024
 W_STFT, W_REC, W_MAG, W_IF, FREE_BITS, EPS_IF = (tl.constexpr(column) for column in range(6))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_recon_programs", "n_stft_programs", "signals"])
 def _combined_epilogue_kernel(
     # the spectral sums' partials and the STFT plan
     stft_partials_ptr,
@@ -165,7 +165,7 @@ def _incoming(ptr, HAS: tl.constexpr, ACC: tl.constexpr):
         return tl.sum(tl.zeros([1], dtype=ACC), axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["unit_y_row0"])
 def _combined_backward_kernel(
     # the inputs [B, 2, H, W], read in place (see ``channels.py``)
     recon_ptr,

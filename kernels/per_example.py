@@ -75,7 +75,7 @@ def store_sums(out, first, second, third, fourth):
     tl.store(out + 3, tl.sum(fourth, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_examples"])
 def _example_spectral_sums_kernel(
     # the spectra [2B, C, F, bins] as real pairs (x's examples, then y's); valid frames [B]
     spec_ptr,
@@ -124,7 +124,7 @@ def _example_spectral_sums_kernel(
     store_sums(partials_ptr + (b * n_programs + program) * 4, sum_d2, sum_py, sum_log, sum_d)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_examples"])
 def _example_spectral_grad_kernel(
     # the spectra (real pairs), valid frames [B], eps, the incoming gradients [B, 4]
     spec_ptr,

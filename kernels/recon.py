@@ -73,7 +73,7 @@ SUM_PROGRAMS = 528
 SUM_LAUNCH = {"num_warps": 8}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_programs"])
 def _recon_partials_kernel(
     # the inputs, N = B*H*W elements a channel, read in place (see ``channels.py``)
     recon_ptr,
@@ -168,7 +168,7 @@ def recon_terms_from_partials(
     return mag, if_loss, if_hi, if_lo, total_tm.to(ACC) * inv_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_programs"])
 def _recon_finalize_kernel(
     # the partial sums
     partials_ptr,

@@ -57,7 +57,7 @@ def _signal_offsets(s, u, channels, channels_m, channels_s, width, width_m, widt
     return sb * s0 + (s - sb * channels) * s1 + th * s2 + (u - th * width) * s3
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["signals"])
 def _frame_kernel(
     # the signals, read in place: input, target, and their strides (see below)
     x_ptr,
@@ -141,7 +141,7 @@ def _frame_kernel(
              mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["signals"])
 def _frames_adjoint_kernel(
     # the frames' gradients (the irfft's output) and the plan
     frames_ptr,

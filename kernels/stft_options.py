@@ -78,7 +78,7 @@ def _magnitudes_kernel(
     tl.store(mag_ptr + e, mag.to(mag_ptr.dtype.element_ty), mask=in_range)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_examples"])
 def _example_feature_sums_kernel(
     # the magnitudes the terms are formed from [2B, C, F, K]; valid frames [B]
     feat_ptr,
@@ -127,7 +127,7 @@ def _example_feature_sums_kernel(
     store_sums(partials_ptr + (b * n_programs + program) * 4, sum_d2, sum_sy2, sum_log, sum_d)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_examples"])
 def _example_feature_grad_kernel(
     # the magnitudes [2B, C, F, K], valid frames [B], the sums' gradients [B, 4]
     feat_ptr,
@@ -168,7 +168,7 @@ def _example_feature_grad_kernel(
     tl.store(grad_ptr + y_index, tl.where(valid, d_sy, 0.0).to(out_dtype), mask=in_range)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_examples"])
 def _example_magnitude_grad_kernel(
     # the spectra (real pairs), valid frames [B], eps, the magnitudes' gradient
     # [2B, C, F, bins]

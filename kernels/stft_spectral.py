@@ -87,7 +87,7 @@ def spectral_terms(spec_ptr, x_index, y_index, mask, eps):
             tl.where(mask, tl.abs(tl.log(mx / my)), 0.0), tl.where(mask, tl.abs(diff), 0.0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_programs", "signals"])
 def _spectral_partials_kernel(
     # the spectra (real pairs) and the plan: meta table, (w_sc, w_log, w_lin, eps)
     spec_ptr,
@@ -211,7 +211,7 @@ def mrstft_from_partials(
     return total * inv_res
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_programs", "signals"])
 def _mrstft_epilogue_kernel(
     # the spectral sums' partials and the plan
     partials_ptr,
@@ -236,7 +236,7 @@ def _mrstft_epilogue_kernel(
     tl.store(loss_ptr, loss)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["signals"])
 def _spectral_grad_kernel(
     # the spectra (real pairs), overwritten by G; the plan; the epilogue's [R, 4] scalars
     spec_ptr,

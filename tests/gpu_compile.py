@@ -42,9 +42,10 @@ import os
 import re
 import sys
 import tempfile
+import time
 import traceback
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
@@ -54,7 +55,14 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
-from compiled_kernels import ARCHS, kernels_defined, specializations, table, table_path
+from compiled_kernels import (
+    ARCHS,
+    describe_specialization,
+    kernels_defined,
+    specializations,
+    table,
+    table_path,
+)
 
 # Triton 3.9 warns that its fp-fusion default will change; the GPU run sees the same default.
 warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
@@ -89,6 +97,8 @@ class Launch:
     kernel: str
     grid: tuple
     compiled: Dict[int, object]  # arch -> CompiledKernel, or the exception it raised
+    # arch -> seconds spent compiling it now (absent where Triton's cache had it already)
+    compile_seconds: Dict[int, float] = field(default_factory=dict)
 
 
 class LaunchRecorder:
@@ -128,10 +138,11 @@ class LaunchRecorder:
         self._cache_dir.cleanup()
 
     def record(self, kernel, args, grid, kwargs):
-        compiled = {}
+        compiled, seconds = {}, {}
         for arch in self.archs:
             self.driver.arch = arch
             log = io.StringIO()
+            start = time.perf_counter()
             try:
                 with contextlib.redirect_stdout(log):
                     compiled[arch] = self._run(kernel, *args, grid=grid, warmup=True, **kwargs)
@@ -140,8 +151,9 @@ class LaunchRecorder:
             else:
                 if log.getvalue():  # compiled now, not found in the in-memory cache
                     self.ptxas_logs[compiled[arch].hash] = log.getvalue()
+                    seconds[arch] = time.perf_counter() - start
         grid = tuple(grid(dict(zip(kernel.arg_names, args))) if callable(grid) else grid)
-        self.launches.append(Launch(self.case, kernel.fn.__name__, grid, compiled))
+        self.launches.append(Launch(self.case, kernel.fn.__name__, grid, compiled, seconds))
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,6 +182,7 @@ class Case:
     target_grad: bool = False
     kl_weight: float = 0.01
     wide_index: bool = False   # int64 index math, as for a latent past 2^31 elements
+    batch: Optional[int] = None  # another batch size than the shape's (an epoch's last)
 
     @property
     def name(self) -> str:
@@ -182,6 +195,8 @@ class Case:
             parts.append("kl0")
         if self.wide_index:
             parts.append("int64-index")
+        if self.batch is not None:
+            parts.append(f"batch{self.batch}")
         return "/".join(parts)
 
 
@@ -216,7 +231,7 @@ CASES = _cases()
 def _batch(case: Case):
     from distill_fused.synthetic import realistic_batch
     b, h, w, d = SHAPES[case.shape]
-    batch = realistic_batch(b, h, w, d, dtype=torch.float32, seed=0)
+    batch = realistic_batch(case.batch or b, h, w, d, dtype=torch.float32, seed=0)
     return [t.to(DTYPES[case.dtype]) for t in batch]
 
 
@@ -392,6 +407,98 @@ def _tree_meta(outputs, grads):
 # The report and its tables
 # --------------------------------------------------------------------------------------------
 
+# The first step of a training run as the application makes it (its loss module, its default
+# config, float32), and its epoch's last batch at other sizes: the smaller batches must find
+# every kernel they launch compiled already.
+FIRST_STEP = Case("user")
+LAST_BATCHES = (31, 17, 8, 1)
+BATCH_PATHS = ("fused", "per-example", "stft-mel")
+
+
+def first_step_report(recorder: LaunchRecorder) -> dict:
+    """What the first step of the user's case compiles (each specialization, and its compile
+    time on this machine for each architecture; Triton compiles on the host, so a GPU host
+    spends about as long, less what its faster cores save), and which specializations a
+    smaller batch of each path would compile anew."""
+    def launches_of(case: Case):
+        recorder.case = f"first-step:{case.name}"
+        before = len(recorder.launches)
+        step(case)
+        return recorder.launches[before:]
+
+    def key(launch, arch):
+        compiled = launch.compiled[arch]
+        return (launch.kernel, getattr(compiled, "hash", repr(compiled)))
+
+    first = launches_of(FIRST_STEP)
+    report = {"case": FIRST_STEP.name, "launches": len(first), "compiled": {}}
+    for arch in recorder.archs:
+        name = ARCHS[arch]["name"]
+        compiled = [(launch.kernel, launch.compile_seconds[arch]) for launch in first
+                    if arch in launch.compile_seconds]
+        report["compiled"][name] = {"specializations": len(compiled),
+                                    "seconds": round(sum(t for _, t in compiled), 2),
+                                    "each": [[k, round(t, 2)] for k, t in compiled]}
+    arch = recorder.archs[0]
+    report["smaller_batches"] = {}
+    for path in BATCH_PATHS:
+        seen = {key(launch, arch) for launch in launches_of(Case("user", path=path))}
+        for batch in LAST_BATCHES:
+            launches = launches_of(Case("user", path=path, batch=batch))
+            fresh = [launch for launch in launches if key(launch, arch) not in seen]
+            report["smaller_batches"][f"{path}/batch{batch}"] = {
+                "new": sorted({f"{launch.kernel} {_described(launch.compiled[arch])}"
+                               for launch in fresh}),
+                "seconds": round(sum(launch.compile_seconds.get(arch, 0.0)
+                                     for launch in fresh), 2)}
+    return report
+
+
+def first_step_markdown(report: dict) -> str:
+    """``aot-first-step.md``: the first step's compiles and the smaller batches' news."""
+    first = report["first_step"]
+    lines = ["# The first training step on a GPU: what Triton compiles", "",
+             f"Written by `make aot` (`tests/gpu_compile.py`) with triton {report['triton']} and "
+             f"torch {report['torch']}, on {_machine()}, without a GPU. Triton compiles a "
+             "kernel's specialization at its first launch, on the host's CPU (and keeps it in "
+             "its cache, on disk: a later run compiles nothing); these are this machine's "
+             "compile times, a prediction of a GPU host's (whose faster cores take less).", "",
+             f"The user's case (`{first['case']}`: `compute_combined_loss` with "
+             "`create_stft_loss`'s module, the default config, float32, `[32, 2, 128, 94]`): "
+             f"{first['launches']} Triton kernels per step (its other launches are cuFFT's "
+             "and the seed gradient's: nothing to compile).", "",
+             "| target | specializations compiled | seconds | each (kernel: seconds) |",
+             "|---|---:|---:|---|"]
+    for arch, compiled in first["compiled"].items():
+        each = ", ".join(f"`{k}` {t:.2f}" for k, t in compiled["each"])
+        lines.append(f"| {arch} | {compiled['specializations']} | {compiled['seconds']:.2f} | "
+                     f"{each} |")
+    lines += ["", "A smaller batch (the last of an epoch) after a step of 32, per path: the "
+              "specializations it compiles anew (sm_90).", "",
+              "| path / batch | new specializations | seconds |", "|---|---|---:|"]
+    for name, news in first["smaller_batches"].items():
+        lines.append(f"| {name} | {'; '.join(f'`{n}`' for n in news['new']) or 'none'} | "
+                     f"{news['seconds']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _machine() -> str:
+    import platform
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def _described(compiled) -> str:
+    if isinstance(compiled, Exception):
+        return f"(failed: {type(compiled).__name__})"
+    return describe_specialization(compiled.src)
+
+
 def build_report(only: Optional[str] = None, archs=tuple(ARCHS)) -> dict:
     """The report over ``CASES`` (those whose name matches the regular expression ``only``,
     and then no registration checks), compiled for ``archs``."""
@@ -400,6 +507,7 @@ def build_report(only: Optional[str] = None, archs=tuple(ARCHS)) -> dict:
     route_cpu_tensors_to_triton()
     torch.manual_seed(0)
     with LaunchRecorder(archs) as recorder:
+        first_step = None if only else first_step_report(recorder)
         cases = {}
         for case in CASES:
             if only and not re.search(only, case.name):
@@ -417,6 +525,7 @@ def build_report(only: Optional[str] = None, archs=tuple(ARCHS)) -> dict:
         "kernels_defined": kernels_defined(),
         "specializations": specializations(recorder.launches, recorder.ptxas_logs),
         "registration": registration,
+        "first_step": first_step,
     }
 
 
@@ -439,6 +548,8 @@ def main(argv=None):
         for arch in ARCHS.values():
             with open(table_path(args.tables, arch["name"]), "w") as f:
                 f.write(table(report, arch["name"]))
+        with open(os.path.join(args.tables, "aot-first-step.md"), "w") as f:
+            f.write(first_step_markdown(report))
     failed = [r for r in report["specializations"] if r["error"]]
     print(f"{len(report['specializations'])} specializations, {len(failed)} failed to compile")
     return 1 if failed else 0

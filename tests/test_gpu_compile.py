@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -182,6 +183,42 @@ def test_committed_table_is_current(report, arch):
                     f"({versions})")
     assert committed == compiled_kernels.table(report, arch), (
         f"{path.name} is stale: run `make aot`")
+
+
+# --- The first step ------------------------------------------------------------------------
+
+def test_a_smaller_last_batch_compiles_nothing_new(report):
+    """After a step of 32, batches of 31, 17, 8 and 1 (an epoch's last) launch only kernels
+    compiled already: the counts that grow with the batch are not specialized. The one
+    exception: the mel path's magnitudes kernel, whose element count bounds its loads and keeps
+    its divisibility specialization (docs/benchmarks.md)."""
+    news = report["first_step"]["smaller_batches"]
+    assert set(news) == {f"{path}/batch{b}" for path in gpu_compile.BATCH_PATHS
+                         for b in gpu_compile.LAST_BATCHES}
+    for name, found in news.items():
+        kernels = {n.split()[0] for n in found["new"]}
+        allowed = {"_magnitudes_kernel"} if name.startswith("stft-mel/") else set()
+        assert kernels <= allowed, (name, found["new"])
+
+
+def test_the_first_step_compiles_each_of_its_kernels_once(report):
+    first = report["first_step"]
+    for arch, compiled in first["compiled"].items():
+        assert compiled["specializations"] == first["launches"] == 7, arch
+        assert len({k for k, _ in compiled["each"]}) == 7 and compiled["seconds"] > 0
+
+
+def test_committed_first_step_lists_what_a_first_step_compiles(report):
+    path = TABLES / "aot-first-step.md"
+    assert path.exists(), f"{path} is missing: run `make aot`"
+    committed = path.read_text()
+    if f"with triton {report['triton']} and torch {report['torch']}," not in committed:
+        pytest.skip(f"{path.name} was written with other versions than this environment's")
+    fresh = gpu_compile.first_step_markdown(report)
+    # Compile times vary run to run; the kernels and the smaller batches' news may not.
+    def strip(text):
+        return re.sub(r"\d+\.\d\d", "t", re.sub(r"on .*?, without a GPU", "", text))
+    assert strip(committed) == strip(fresh), f"{path.name} is stale: run `make aot`"
 
 
 # --- Registration and tracing in GPU mode -----------------------------------------------------
