@@ -6,6 +6,9 @@ VENV36 ?= .venv-triton36
 PY36 := $(VENV36)/bin/python
 # Triton kernels run on CPU tensors through its interpreter when no GPU is present.
 export TRITON_INTERPRET ?= 1
+# A recipe's pipeline fails when its first command does (the suites' output is piped).
+SHELL := bash
+.SHELLFLAGS := -o pipefail -c
 
 .PHONY: demo lint test test-triton39 test-triton36 bench render gpu-wheels aot costmodel mutants clean
 
@@ -26,17 +29,19 @@ lint: $(VENV)/.installed
 
 # The linter first; then the two suites side by side once both environments exist (set up one
 # after the other): each pytest keeps about one core busy (the Triton interpreter is
-# single-threaded), and --output-sync prints each suite's output whole when it ends.
+# single-threaded). Their progress shows as it goes: each line of either suite as it ends,
+# headed by its Triton's version (pytest's dots, a line per 72 tests, with the percentage).
 test: lint $(VENV36)/.installed
-	$(MAKE) --no-print-directory -j2 --output-sync=target test-triton39 test-triton36
+	@echo "the suite under Triton 3.9 and under Triton 3.6, side by side (about 10 minutes on a quiet 2-core machine)"
+	$(MAKE) --no-print-directory -j2 --output-sync=line test-triton39 test-triton36
 
 test-triton39: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests 2>&1 | sed -u 's/^/[triton 3.9] /'
 
 # Without the cache plugin: the two runs would write .pytest_cache at once. Under Triton 3.6
 # the tests run once per backend run for triton only (the other backends do not touch Triton).
 test-triton36: $(VENV36)/.installed
-	$(PY36) -m pytest -q -p no:cacheprovider --only-backend triton tests
+	$(PY36) -m pytest -q -p no:cacheprovider --only-backend triton tests 2>&1 | sed -u 's/^/[triton 3.6] /'
 
 # Writes bench/results/<device>.json (this device's latest run), then renders every results
 # file into bench/RESULTS.md, bench/speedup.png and the README's tables, and lists which of

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import requires_cuda
+from conftest import requires_cuda, requires_triton
 from distill_fused import cli, selfcheck
 
 # Not the interpreter's own small batch: under TRITON_INTERPRET=1 a run has two groups.
@@ -102,7 +102,9 @@ def test_a_run_checks_every_backend_and_dtype_against_the_oracle(tmp_path):
     assert torch_f32["speedup_vs_reference"] > 0
     assert 0 < max(torch_f32["grad_errors"].values()) < 1e-2  # a float32 run, measured
     table = run.stdout
-    assert f"{len(seen)} of {len(seen)} checks PASS" in table and "FAIL" not in table
+    checks = len(seen) - len(groups) // 2  # the oracle rows (reference, float64) are no check
+    assert f"{checks} of {checks} checks PASS" in table and "FAIL" not in table
+    assert f"the {len(groups) // 2} rows marked oracle are the oracle itself" in table
     assert table.count(" ms ") == len(seen) and "speed-up" in table
     assert [r["oracle"] for r in doc["results"]].count(True) == len(groups) // 2
     # progress on stderr, as it goes
@@ -140,7 +142,7 @@ def test_every_computation_starts_from_fresh_leaves():
     ("float32", lambda m: m.setitem(selfcheck.LOSS_TOLERANCE, torch.float32, 1e-30),
      "0 of 2 checks PASS; FAIL: reference float32, torch float32"),
     ("float64", lambda m: m.setattr(selfcheck, "GRAD_TOLERANCE_FLOAT64", 1e-30),
-     "1 of 2 checks PASS; FAIL: torch float64"),
+     "0 of 1 checks PASS; FAIL: torch float64 (the row marked oracle is the oracle itself"),
 ], ids=["a loss", "a gradient"])
 @pytest.mark.triton_free
 def test_an_error_outside_its_tolerance_fails_with_status_1(monkeypatch, capsys, dtype, tighten,
@@ -181,3 +183,44 @@ def test_the_former_demo_module_runs_the_same_command():
     run = subprocess.run([sys.executable, "-m", "distill_fused.demo", "--version"],
                          capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.startswith("distill-fused ")
+
+
+@pytest.mark.triton_free
+def test_the_table_says_what_auto_picks_here_and_why(capsys):
+    assert cli.main([*SMALL, "--backend", "torch", "--dtype", "float64", "--device", "cpu",
+                     "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert ("auto (compute_combined_loss's default) picks torch for cpu tensors here: cpu "
+            "tensors: the triton backend runs CUDA tensors") in out
+
+
+@requires_triton
+def test_where_auto_picks_triton_the_report_has_its_check():
+    """On a GPU auto's pick is the verified triton backend: the report runs its first call on
+    the batch and gives the verdict (here CPU tensors under CUDA's device policy, in Triton's
+    interpreter, on a small batch)."""
+    from distill_fused import verification
+    from distill_fused.core.devices import emulated
+    verification.forget()
+    with emulated("cpu", like="cuda"):
+        report = cli.auto_report(selfcheck.Problem(2, 16, 67, 8), torch.device("cpu"))
+    verification.forget()
+    assert report["backend"] == "triton" and "verified against the torch backend" in (
+        report["why"] + report["verified"]["reason"])
+    assert report["verified"]["backend"] == "triton"
+    closest = report["verified"]["closest"]
+    assert 0 <= closest["error"] <= closest["tolerance"]
+    lines = cli.auto_lines(report, torch.device("cpu"))
+    assert "passed: auto computes it with triton" in lines[1]
+
+
+@pytest.mark.triton_free
+def test_backend_triton_without_triton_says_it_is_not_installed_and_how_to_install_it(
+        monkeypatch, capsys):
+    from distill_fused import dispatch
+    monkeypatch.setattr(dispatch, "_triton", None)
+    monkeypatch.setattr(dispatch, "_triton_import_error", "No module named 'triton'")
+    assert cli.main([*SMALL, "--backend", "triton", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "Triton is not installed: No module named 'triton'" in err
+    assert "pip install 'distill-fused[triton]'" in err and "TRITON_INTERPRET" not in err

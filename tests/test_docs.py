@@ -19,6 +19,11 @@ HOST_APP = Path(__file__).parent / "host_app"
 WITH_APPLICATION = "<!-- snippet: with the application -->"
 
 
+# A block followed (after a line of prose or none) by this line and a ```text block must print
+# what that block shows.
+OUTPUT = "<!-- output -->"
+
+
 def _blocks():
     for page in PAGES:
         text = page.read_text()
@@ -26,7 +31,16 @@ def _blocks():
             line = text.count("\n", 0, match.start()) + 1
             preceding = text[:match.start()].rstrip("\n").rsplit("\n", 1)[-1]
             yield pytest.param(match.group(1), preceding.strip() == WITH_APPLICATION,
+                               _shown_output(text[match.end():]),
                                id=f"{page.relative_to(ROOT)}:{line}")
+
+
+def _shown_output(after: str):
+    """The ```text block after ``OUTPUT``, where that line comes before the next fence."""
+    head, marker, rest = after.partition(OUTPUT + "\n```text\n")
+    if not marker or "```" in head:
+        return None
+    return rest.split("```", 1)[0]
 
 
 BLOCKS = list(_blocks())
@@ -37,8 +51,8 @@ def test_the_pages_have_python_blocks():
     assert {"README.md", "docs/usage.md"} <= pages, pages
 
 
-@pytest.mark.parametrize("code, with_application", BLOCKS)
-def test_python_block_runs_as_written(code, with_application, tmp_path):
+@pytest.mark.parametrize("code, with_application, output", BLOCKS)
+def test_python_block_runs_as_written(code, with_application, output, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILL_")}
     env.pop("TRITON_INTERPRET", None)  # as a user's shell has it
     if with_application:
@@ -49,6 +63,12 @@ def test_python_block_runs_as_written(code, with_application, tmp_path):
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          cwd=tmp_path, env=env, timeout=300)
     assert run.returncode == 0, f"the block fails:\n{code}\n{run.stderr}"
+    if output is not None:
+        assert run.stdout == output, f"the block prints:\n{run.stdout}\nits page shows:\n{output}"
+
+
+def test_the_quick_start_shows_what_it_prints():
+    assert [b for b in BLOCKS if b.id.startswith("README.md") and b.values[2] is not None]
 
 
 def test_relative_links_point_to_files_that_exist():

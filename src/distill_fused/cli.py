@@ -23,9 +23,10 @@ from typing import IO, Any, Dict, List, Optional, Sequence
 
 import torch
 
-from . import __version__
+from . import __version__, verification
+from .api.losses import compute_combined_loss
 from .core.config import LossConfig
-from .dispatch import NAMES, available_backends, select_backend
+from .dispatch import NAMES, auto_choice, available_backends, select_backend
 from .selfcheck import (
     GRAD_FLOOR_FLOAT32,
     GRAD_TOLERANCE_FLOAT64,
@@ -35,6 +36,7 @@ from .selfcheck import (
     Row,
     add_speedups,
 )
+from .synthetic import realistic_batch
 
 PROG = "distill-fused"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -229,12 +231,49 @@ def _versions() -> Dict[str, Optional[str]]:
     return {"distill_fused": __version__, "torch": torch.__version__, "triton": triton_version}
 
 
+def auto_report(problem: Problem, device: torch.device) -> Dict[str, Any]:
+    """What ``auto`` decides on this machine, and why: its pick for ``device`` tensors, and
+    where it picks the verified triton backend, the verdict of the check of its first call
+    on the problem's batch (float32, with gradients), as a training step's first call has it.
+    """
+    chosen, why = auto_choice(device)
+    report: Dict[str, Any] = {"backend": chosen.name, "why": why, "verified": None}
+    if chosen.verified:
+        before = len(verification.decisions())
+        batch = realistic_batch(problem.batch, problem.height, problem.width, problem.latent,
+                                device=device, seed=problem.seed)
+        for i, t in enumerate(batch):
+            t.requires_grad_(i != 1)
+        compute_combined_loss(*batch, kl_weight=problem.kl_weight)["total_loss"].backward()
+        for decision in verification.decisions()[before:]:
+            errors = decision.errors
+            name = max(errors, key=lambda k: errors[k][0] / errors[k][1]) if errors else None
+            report["verified"] = {
+                "backend": decision.backend, "reason": decision.reason, "plan": decision.plan,
+                "closest": None if name is None else {
+                    "quantity": name, "error": errors[name][0], "tolerance": errors[name][1]}}
+    return report
+
+
+def auto_lines(report: Dict[str, Any], device: torch.device) -> List[str]:
+    lines = [f"auto (compute_combined_loss's default) picks {report['backend']} for "
+             f"{device.type} tensors here: {report['why']}"]
+    verified = report["verified"]
+    if verified:
+        closest = verified["closest"]
+        detail = (f"; the closest to its tolerance: {closest['quantity']}, "
+                  f"{closest['error']:.1e} of {closest['tolerance']:.1e}" if closest else "")
+        verdict = ("passed: auto computes it with triton" if verified["backend"] == "triton"
+                   else "failed: auto computes it with the torch backend (exact, slower)")
+        lines.append(f"auto's check of this batch's plan {verdict} ({verified['reason']}"
+                     f"{detail})")
+    return lines
+
+
 def _settings(device: torch.device, backends: Sequence[str]) -> List[str]:
-    """What the reader needs to weigh the table: auto's pick, the backends left out and why,
-    the threads timing ran on, and the environment variables that change the loss."""
-    auto = select_backend(device, "auto").name  # (with --verbose, auto says why: a debug log)
-    lines = [f"auto (compute_combined_loss's default) picks {auto} for {device.type} tensors "
-             f"here; timing on {torch.get_num_threads()} CPU threads"
+    """What the reader needs to weigh the table: the backends left out and why, the threads
+    timing ran on, and the environment variables that change the loss."""
+    lines = [f"timing on {torch.get_num_threads()} CPU threads"
              + (f" and {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")]
     if "triton" not in backends and _versions()["triton"] and device.type == "cpu":
         lines.append("triton is not checked: it runs CUDA tensors (on a CPU only in Triton's "
@@ -268,13 +307,23 @@ def render_table(rows: Sequence[Row], device: torch.device, settings: Sequence[s
                 f"{r.backend:<10} {r.dtype:<8} {loss_error:>10.1e} {grad:>18} "
                 f"{_sci(r.loss_tolerance):>10} / {grad_tolerance:<9.1e} {check:>6} "
                 f"{r.median_ms:>8.2f} ms {speedup:>9}")
-    failed = [f"{r.backend} {r.dtype}" for r in rows if not r.passed]
-    lines += ["", f"{len(rows) - len(failed)} of {len(rows)} checks PASS"
+    checks = [r for r in rows if not r.is_oracle]
+    failed = [f"{r.backend} {r.dtype}" for r in checks if not r.passed]
+    lines += ["", f"{len(checks) - len(failed)} of {len(checks)} checks PASS"
               + (f"; FAIL: {', '.join(failed)}" if failed else
-                 ": every backend equals the float64 oracle within its tolerance."),
+                 ": every backend equals the float64 oracle within its tolerance")
+              + _oracle_rows(len(rows) - len(checks)),
               f"(what each column means: {PROG} --help; times are a quick median, the "
               "benchmark is make bench)"]
     return "\n".join(lines)
+
+
+def _oracle_rows(count: int) -> str:
+    """What the rows not counted as checks are."""
+    if not count:
+        return "."
+    return (f" (the {'row' if count == 1 else f'{count} rows'} marked oracle "
+            f"{'is' if count == 1 else 'are'} the oracle itself, not checked).")
 
 
 def _finite_or_text(value: Any) -> Any:
@@ -286,11 +335,12 @@ def _finite_or_text(value: Any) -> Any:
     return value
 
 
-def to_json(rows: Sequence[Row], device: torch.device, settings: Sequence[str]) -> dict:
+def to_json(rows: Sequence[Row], device: torch.device, settings: Sequence[str],
+            auto: Optional[Dict[str, Any]] = None) -> dict:
     return {
         **_versions(), "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "settings": list(settings),
+        "settings": list(settings), "auto": _finite_or_text(auto) if auto else None,
         "passed": all(r.passed for r in rows),
         "results": [_finite_or_text({
             "backend": r.backend, "dtype": r.dtype, "oracle": r.is_oracle,
@@ -333,12 +383,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         settings = _settings(device, backends)
         rows = run_checks(problem, device, backends, dtypes, args.reps)
+        auto = auto_report(problem, device)
+        settings = auto_lines(auto, device) + settings
     finally:
         package_logger.removeHandler(handler)
         package_logger.setLevel(level)
 
     if json_output is not None:
-        json_output.write(json.dumps(to_json(rows, device, settings), indent=2) + "\n")
+        json_output.write(json.dumps(to_json(rows, device, settings, auto), indent=2) + "\n")
         if json_output is not sys.stdout:
             json_output.close()
     if args.json != "-":
