@@ -446,6 +446,7 @@ def first_step_report(recorder: LaunchRecorder) -> dict:
         for batch in LAST_BATCHES:
             launches = launches_of(Case("user", path=path, batch=batch))
             fresh = [launch for launch in launches if key(launch, arch) not in seen]
+            seen |= {key(launch, arch) for launch in fresh}
             report["smaller_batches"][f"{path}/batch{batch}"] = {
                 "new": sorted({f"{launch.kernel} {_described(launch.compiled[arch])}"
                                for launch in fresh}),
@@ -473,8 +474,8 @@ def first_step_markdown(report: dict) -> str:
         each = ", ".join(f"`{k}` {t:.2f}" for k, t in compiled["each"])
         lines.append(f"| {arch} | {compiled['specializations']} | {compiled['seconds']:.2f} | "
                      f"{each} |")
-    lines += ["", "A smaller batch (the last of an epoch) after a step of 32, per path: the "
-              "specializations it compiles anew (sm_90).", "",
+    lines += ["", "Smaller batches (the last of an epoch) after a step of 32, one after the "
+              "other, per path: the specializations each compiles anew (sm_90).", "",
               "| path / batch | new specializations | seconds |", "|---|---|---:|"]
     for name, news in first["smaller_batches"].items():
         lines.append(f"| {name} | {'; '.join(f'`{n}`' for n in news['new']) or 'none'} | "

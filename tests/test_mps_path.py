@@ -222,3 +222,28 @@ def test_with_torch_2_13_lengths_are_asserted_on_the_device(seed):
     with emulated("cpu", like="mps"), DispatchRecorder() as recorder:
         STEPS["combined-none-lengths"](torch.float32, seed)()
     assert "aten::_assert_async.msg" in {r.name for r in recorder.records}
+
+
+def test_the_known_failures_match_the_calls_they_are_reported_for():
+    """The predicates fire: each crafted call is one a report is about (and the same op,
+    made as the MPS path makes it, is not)."""
+    import torch.nn.functional as F
+
+    long = torch.randn(1, 70000 - 32, requires_grad=True)
+    short = torch.randn(1, 1000, requires_grad=True)
+    target = torch.zeros(10)
+    with DispatchRecorder() as recorder:
+        F.pad(long[:, None], (16, 16), mode="reflect").sum().backward()
+        F.pad(short[:, None], (16, 16), mode="reflect").sum().backward()
+        F.conv1d(torch.randn(1, 1, 70100), torch.randn(1, 1, 101))
+        target[2:].scatter_add_(0, torch.tensor([0, 1]), torch.ones(2))
+        torch.randn(8, 4).T @ torch.randn(8, 3)
+        torch.randn(4, 8) @ torch.randn(8, 3)
+
+    def hit(op):
+        return [r for r in recorder.records if r.name.startswith(op)
+                and any(f.hits(r) and f.affects() for f in KNOWN_FAILURES)]
+
+    assert len(hit("aten::reflection_pad1d_backward")) == 1  # 70000 samples, not 1032
+    assert hit("aten::convolution") and hit("aten::scatter_add_")
+    assert len(hit("aten::mm")) == 1  # the transposed left operand only

@@ -1,8 +1,8 @@
 """Every argument of auraloss 0.4.0's ``MultiResolutionSTFTLoss`` (and ``STFTLoss``,
 ``MelSTFTLoss``, ``ChromaSTFTLoss``) on our modules, against auraloss itself: a grid of option
 sets, values and gradients in float64 and float32, noise and audio-like signals, odd sizes; the
-mel filterbank against librosa's, bit for bit; the options auraloss computes itself (chroma,
-A-weighting) bit for bit; and our defined behaviour where auraloss 0.4.0 fails."""
+mel filterbank against librosa's, bit for bit; A-weighting's FIR taps, auraloss's bit for bit;
+and our defined behaviour where auraloss 0.4.0 fails."""
 
 import sys
 import types

@@ -24,6 +24,7 @@ from typing import IO, Any, Dict, List, Optional, Sequence
 import torch
 
 from . import __version__, verification
+from .api import environment
 from .api.losses import compute_combined_loss
 from .core.config import LossConfig
 from .dispatch import NAMES, auto_choice, available_backends, select_backend
@@ -236,7 +237,8 @@ def auto_report(problem: Problem, device: torch.device) -> Dict[str, Any]:
     where it picks the verified triton backend, the verdict of the check of its first call
     on the problem's batch (float32, with gradients), as a training step's first call has it.
     """
-    chosen, why = auto_choice(device)
+    verify = environment.verify_choice(None)
+    chosen, why = auto_choice(device, verify)
     report: Dict[str, Any] = {"backend": chosen.name, "why": why, "verified": None}
     if chosen.verified:
         before = len(verification.decisions())
@@ -244,7 +246,9 @@ def auto_report(problem: Problem, device: torch.device) -> Dict[str, Any]:
                                 device=device, seed=problem.seed)
         for i, t in enumerate(batch):
             t.requires_grad_(i != 1)
-        compute_combined_loss(*batch, kl_weight=problem.kl_weight)["total_loss"].backward()
+        out = compute_combined_loss(*batch, kl_weight=problem.kl_weight, backend="auto",
+                                    verify=verify)
+        out["total_loss"].backward()
         for decision in verification.decisions()[before:]:
             errors = decision.errors
             name = max(errors, key=lambda k: errors[k][0] / errors[k][1]) if errors else None

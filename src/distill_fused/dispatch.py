@@ -158,9 +158,11 @@ def _triton_unavailable(device: torch.device) -> str:
     (Triton installed, and CUDA tensors or the interpreter)."""
     _load_triton()
     if _triton_import_error is not None:
-        return (f"Triton is not installed: {_triton_import_error}. Install it with pip install "
-                "'distill-fused[triton]' (from a checkout: pip install '.[triton]'), or use a "
-                "CUDA build of torch, which brings it")
+        missing = "No module named 'triton'" in _triton_import_error
+        return (f"Triton {'is not installed' if missing else 'does not import'}: "
+                f"{_triton_import_error}. Install it with pip install 'distill-fused[triton]' "
+                "(from a checkout: pip install '.[triton]'), or use a CUDA build of torch, "
+                "which brings it")
     return ("Triton runs CUDA tensors, or CPU tensors under its interpreter (set "
             "TRITON_INTERPRET=1 before Python starts: slow, for checking the kernels)")
 

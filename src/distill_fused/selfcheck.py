@@ -26,14 +26,16 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .api.losses import compute_combined_loss, create_stft_loss
+from .core import contract
 from .core.config import LossConfig
 from .synthetic import Batch, realistic_batch
 
 logger = logging.getLogger("distill_fused.cli")
 
-LOSS_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
-GRAD_TOLERANCE_FLOAT64 = 1e-8
-GRAD_FLOOR_FLOAT32 = 1e-3
+# The contract's bounds (core/contract.py), as names the checks read at each call.
+LOSS_TOLERANCE = dict(contract.LOSS_TOLERANCE)
+GRAD_TOLERANCE_FLOAT64 = contract.GRAD_TOLERANCE_FLOAT64
+GRAD_FLOOR_FLOAT32 = contract.GRAD_FLOOR_FLOAT32
 GRADIENT_OF = {"recon": 0, "mu": 2, "logvar": 3}  # the inputs that take a gradient, by position
 
 

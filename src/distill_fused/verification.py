@@ -3,10 +3,11 @@ plan, before its results are trusted.
 
 A *plan* is what a call's kernels are compiled and launched for: the function (the combined
 loss or the STFT loss, default or per-example path), the shape, strides, dtype, device and
-``requires_grad`` of every tensor argument, grad mode, the STFT settings and loss
-configuration, the options (``reduction``, whether ``lengths`` are given, per-resolution
-terms), ``fft_grouping``, and whether ``kl_weight`` is a tensor and is positive; not the values
-of the tensors, nor of ``kl_weight`` (a warm-up gives a new one every epoch).
+``requires_grad`` of every tensor argument, grad mode and autocast, the STFT settings, which
+of the loss configuration's weights are zero, the options (``reduction``, whether ``lengths``
+are given, per-resolution terms), ``fft_grouping``, whether ``kl_weight`` is a tensor (and a
+number's sign), and whether the STFT term is a callable of the user's; not the values of the
+tensors, nor of ``kl_weight`` or the weights (a schedule changes them every epoch or step).
 
 The first eager call of a plan (``verified``'s wrapper):
 
@@ -15,7 +16,9 @@ The first eager call of a plan (``verified``'s wrapper):
    requires grad;
 2. runs ``torch`` on the same inputs in float64 (the oracle: equal to auraloss within 1e-10)
    and, for inputs below float64, in the inputs' own dtype (how far that dtype's rounding
-   alone takes a correct implementation);
+   alone takes a correct implementation); a callable STFT term of the user's is replaced, in
+   all three runs, by one deterministic stand-in: the user's code is the same on both
+   backends, and it may not run in float64, or twice alike;
 3. compares them within the contract's bounds (``core/contract.py``), on the device, and reads
    the verdict back in one host sync;
 4. keeps the decision for the plan: ``triton`` where it passed, ``torch`` from then on where
@@ -25,9 +28,11 @@ The first eager call of a plan (``verified``'s wrapper):
 
 Later calls of the plan only look the decision up: no sync, no extra work. While
 ``torch.compile`` traces (or under a fake-tensor mode) or a CUDA graph is being captured,
-nothing can be checked: a plan decided before is followed; an undecided one runs on ``torch``
-(exact, slower), and a WARNING says so once, with the remedy: one eager call of the same plan
-before compiling or capturing.
+nothing can be checked, and shapes and numbers may be symbolic: the decisions made eagerly
+for the same function, dtypes, devices, ranks, settings and options (any shapes, any weights)
+are followed when there is at least one and every one passed; otherwise the call runs on ``torch`` (exact,
+slower), and a WARNING says so once, with the remedy: one eager call before compiling or
+capturing.
 
 ``strict`` (``backend="triton"`` with ``verify=True``): the same check, but a plan that fails
 it raises ``RuntimeError`` (every call of it), and nothing is replaced.
@@ -40,25 +45,38 @@ import importlib.metadata
 import logging
 import math
 import platform
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .core import contract
+from .core.config import LossConfig
 from .core.options import Options
+from .core.outputs import compute_dtype
 from .core.settings import MRSTFTSettings
 from .core.tracing import tracing
 
 logger = logging.getLogger("distill_fused")
 
-# What the wrappers call the four functions, for the messages.
+# What the wrappers call the four functions, for the messages, and how many of their leading
+# arguments are the signals (whose dtype the loss is computed in).
 FUNCTIONS = {
     "combined_loss": "compute_combined_loss",
     "mrstft_loss": "MultiResolutionSTFTLoss",
     "combined_loss_per_example": "compute_combined_loss (per-example path)",
     "mrstft_loss_per_example": "MultiResolutionSTFTLoss (per-example path)",
 }
+SIGNALS = {"combined_loss": 4, "combined_loss_per_example": 4, "mrstft_loss": 2,
+           "mrstft_loss_per_example": 2}
+# torch < 2.5 has it under torch.cuda only.
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+INPUT_NAMES = {"combined_loss": ("recon", "target", "mu", "logvar", None, "kl_weight"),
+               "combined_loss_per_example": ("recon", "target", "mu", "logvar", None,
+                                             "kl_weight"),
+               "mrstft_loss": ("input", "target"),
+               "mrstft_loss_per_example": ("input", "target")}
 
 
 @dataclass(frozen=True)
@@ -77,59 +95,66 @@ class Decision:
         return self.backend == "triton"
 
 
-_DECISIONS: Dict[tuple, Decision] = {}
-_UNDECIDED_WARNED: set = set()
+# plan key -> (its traced key, the decision); guarded by _LOCK (a step's threads may race to
+# a plan's first call: one checks, the others wait for its decision).
+_DECISIONS: Dict[tuple, Tuple[tuple, Decision]] = {}
+_LOCK = threading.Lock()
+_WARNED: set = set()
 
 
 def decisions() -> List[Decision]:
     """Every plan decided in this process so far, in the order they were first called."""
-    return list(_DECISIONS.values())
+    return [decision for _, decision in _DECISIONS.values()]
 
 
 def forget() -> None:
     """Forget every decision (the next call of each plan is verified again)."""
-    _DECISIONS.clear()
-    _UNDECIDED_WARNED.clear()
+    with _LOCK:
+        _DECISIONS.clear()
+        _WARNED.clear()
 
 
 # --------------------------------------------------------------------------------------------
 # Plans
 # --------------------------------------------------------------------------------------------
 
-def _tensor_key(t: torch.Tensor) -> tuple:
-    return ("tensor", tuple(t.shape), tuple(t.stride()), str(t.dtype), str(t.device),
-            t.requires_grad)
+def _tensor_key(t: torch.Tensor, traced: bool) -> tuple:
+    """A tensor's part of a plan; ``traced``: only what tracing knows as a constant whatever
+    the shapes (symbolic under dynamic shapes): dtype, device, rank, ``requires_grad``."""
+    facts = (str(t.dtype), str(t.device), t.dim(), t.requires_grad)
+    return ("tensor", *facts) if traced else ("tensor", *facts, tuple(t.shape),
+                                              tuple(t.stride()))
 
 
-def _settings_key(s: MRSTFTSettings) -> tuple:
-    return ("stft", tuple((r.n_fft, r.hop, r.win_length) for r in s.resolutions), s.w_sc,
-            s.w_log_mag, s.w_lin_mag, s.eps, s.resolution_weights, s.w_phs, s.mag_distance,
-            s.scale, s.sample_rate, s.n_bins, s.perceptual_weighting, s.scale_invariance)
-
-
-def _key_of(value) -> object:
+def _key_of(value, traced: bool = False) -> object:
     """The part of a plan that one argument contributes (see the module docstring)."""
     if isinstance(value, torch.Tensor):
-        return _tensor_key(value)
+        return _tensor_key(value, traced)
     if isinstance(value, MRSTFTSettings):
-        return _settings_key(value)
+        return ("stft", value.signature)
     if isinstance(value, Options):
-        lengths = None if value.lengths is None else _tensor_key(value.lengths)
+        lengths = None if value.lengths is None else _tensor_key(value.lengths, traced)
         return ("options", value.reduction, lengths, value.per_resolution_terms)
     if value is None or isinstance(value, (bool, str)):
         return value
-    if isinstance(value, (int, float)):  # kl_weight: only whether it is positive
-        return ("number", value > 0)
-    if hasattr(value, "reconstruction") and hasattr(value, "kl"):  # a LossConfig
+    if isinstance(value, (int, float)):  # kl_weight: whether it is positive
+        return ("number",) if traced else ("number", value > 0)
+    if isinstance(value, (torch.SymInt, torch.SymFloat)):  # a traced kl_weight
+        return ("number",)
+    if isinstance(value, LossConfig):  # the kernels read the weights as data
+        if traced:  # (tracing may make them symbolic)
+            return ("config",)
         rec = value.reconstruction
-        return ("config", value.stft.weight, rec.weight, rec.magnitude_weight, rec.if_weight,
-                value.kl.free_bits)
-    return ("callable", type(value).__qualname__)
+        return ("config", *(w != 0 for w in (value.stft.weight, rec.weight,
+                                             rec.magnitude_weight, rec.if_weight,
+                                             value.kl.free_bits)))
+    return ("callable",)
 
 
-def plan_key(function: str, args: Sequence, kwargs: Dict) -> tuple:
-    return (function, torch.is_grad_enabled(), tuple(_key_of(a) for a in args),
-            tuple(sorted((k, _key_of(v)) for k, v in kwargs.items())))
+def plan_key(function: str, args: Sequence, kwargs: Dict, traced: bool = False) -> tuple:
+    return (function, torch.is_grad_enabled(), torch.is_autocast_enabled(),
+            tuple(_key_of(a, traced) for a in args),
+            tuple(sorted((k, _key_of(v, traced)) for k, v in kwargs.items())))
 
 
 def describe_plan(function: str, args: Sequence, kwargs: Dict) -> str:
@@ -147,6 +172,10 @@ def describe_plan(function: str, args: Sequence, kwargs: Dict) -> str:
             parts.append(f"reduction={value.reduction}"
                          + (", lengths" if value.lengths is not None else "")
                          + (", per-resolution terms" if value.per_resolution_terms else ""))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append("kl_weight > 0" if value > 0 else "kl_weight <= 0 (no KL)")
+        elif _key_of(value) == ("callable",):
+            parts.append(f"STFT term {type(value).__name__} (a callable, as given)")
     device = next((str(a.device) for a in args if isinstance(a, torch.Tensor)), "?")
     grad = "with gradients" if torch.is_grad_enabled() else "no grad"
     return f"{FUNCTIONS.get(function, function)} on {device} ({grad}): " + ", ".join(parts)
@@ -167,6 +196,12 @@ def _outputs(result) -> Dict[str, torch.Tensor]:
     return {"loss": first, **second}
 
 
+def stand_in_stft_term(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """What a callable STFT term of the user's is replaced with while a plan is checked:
+    deterministic, differentiable, and computed alike in any dtype."""
+    return (x - y).square().mean()
+
+
 def _run(fn: Callable, args: Sequence, kwargs: Dict, dtype: Optional[torch.dtype]):
     """``fn`` on the tensor arguments detached (cast to ``dtype`` where given), as fresh
     leaves that require grad where the caller's did: ``(values, gradients)``, the gradients
@@ -181,6 +216,8 @@ def _run(fn: Callable, args: Sequence, kwargs: Dict, dtype: Optional[torch.dtype
                 leaf.requires_grad_(True)
                 leaves[i] = leaf
             call_args[i] = leaf
+        elif _key_of(a) == ("callable",):
+            call_args[i] = stand_in_stft_term
     outputs = _outputs(fn(*call_args, **kwargs))
     values = {k: v.detach() for k, v in outputs.items()}
     grads = {}
@@ -195,53 +232,55 @@ def _run(fn: Callable, args: Sequence, kwargs: Dict, dtype: Optional[torch.dtype
     return values, grads
 
 
-_INPUT_NAMES = {"combined_loss": ("recon", "target", "mu", "logvar", None, "kl_weight"),
-                "combined_loss_per_example": ("recon", "target", "mu", "logvar", None,
-                                              "kl_weight"),
-                "mrstft_loss": ("input", "target"),
-                "mrstft_loss_per_example": ("input", "target")}
-
-
 def _quantity(function: str, name: str, position: Optional[int] = None) -> str:
     if position is None:
         return name
-    inputs = _INPUT_NAMES.get(function, ())
+    inputs = INPUT_NAMES.get(function, ())
     input_name = inputs[position] if position < len(inputs) else f"argument {position}"
     return f"d {name}/d {input_name}"
 
 
-def _compare(function: str, args: Sequence, kwargs: Dict, triton_run, oracle_runs
-             ) -> Tuple[bool, Dict[str, Tuple[float, float]]]:
+def _compare(function: str, dtype: torch.dtype, device: torch.device, triton_run,
+             oracle_runs) -> Tuple[bool, Dict[str, Tuple[float, float]]]:
     """Whether the triton run (``_run``'s result) agrees with the torch backend's in float64
-    (``oracle_runs[0]``) within the contract's bounds, widened by the torch backend's own error
-    in the inputs' dtype (``oracle_runs[1]``, ``None`` for float64), and each quantity's
-    ``(relative error, tolerance)``. One host sync."""
-    dtype = contract.compute_dtype_of(args)
+    (``oracle_runs[0]``) within the contract's bounds for inputs computed in ``dtype``,
+    widened by the torch backend's own error in that dtype (``oracle_runs[1]``, ``None`` for
+    float64), and each quantity's ``(relative error, tolerance)``: every output and gradient
+    the oracle has (one the triton run lacks is an infinite error). One host sync."""
     (values, grads), (oracle_values, oracle_grads), own = triton_run, *oracle_runs
-    own_values, own_grads = own if own is not None else (None, None)
+    own_values, own_grads = own if own is not None else ({}, {})
     names, errors, tolerances = [], [], []
 
     def add(name, got, oracle, own_value, tolerance):
         names.append(name)
-        errors.append(contract.relative_error(got, oracle))
+        error = (torch.full((), math.inf, dtype=torch.float64, device=oracle.device)
+                 if got is None else contract.relative_error(got, oracle))
         own_error = None if own_value is None else contract.relative_error(own_value, oracle)
-        tolerances.append(tolerance(dtype, own_error, oracle))
+        errors.append(error.to(device))
+        tolerances.append(tolerance(dtype, own_error, oracle).to(device))
 
-    for name, value in values.items():
-        add(_quantity(function, name), value, oracle_values[name],
-            None if own_values is None else own_values[name], contract.value_tolerance)
-    for (name, position), grad in grads.items():
-        add(_quantity(function, name, position), grad, oracle_grads[(name, position)],
-            None if own_grads is None else own_grads[(name, position)],
-            contract.gradient_tolerance)
+    for name, oracle in oracle_values.items():
+        add(_quantity(function, name), values.get(name), oracle, own_values.get(name),
+            contract.value_tolerance)
+    for (name, position), oracle in oracle_grads.items():
+        add(_quantity(function, name, position), grads.get((name, position)), oracle,
+            own_grads.get((name, position)), contract.gradient_tolerance)
     verdict = read_back(torch.stack([torch.stack(errors), torch.stack(tolerances)]))
     table = {n: (e, t) for n, e, t in zip(names, *verdict)}
     return all(e <= t for e, t in table.values()), table
 
 
 def read_back(t: torch.Tensor) -> List[List[float]]:
-    """``t``'s values on the host: verification's one sync."""
-    return t.detach().cpu().tolist()
+    """``t``'s values on the host: verification's one sync (allowed while a caller's
+    ``torch.cuda.set_sync_debug_mode`` refuses others: it is the documented one)."""
+    if t.device.type != "cuda":
+        return t.detach().cpu().tolist()
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        return t.detach().cpu().tolist()
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,21 +293,33 @@ def _capturing(args: Sequence) -> bool:
 
 
 @torch.compiler.assume_constant_result
-def _traced_choice(key: tuple, description: str) -> str:
-    """While tracing or capturing: the plan's decision, else ``torch`` (said once). Called
-    as a constant by Dynamo: a decision made later does not change a compiled graph, and
-    makes it recompile nothing."""
-    decision = _DECISIONS.get(key)
-    if decision is not None:
-        return decision.backend
-    if key not in _UNDECIDED_WARNED:
-        _UNDECIDED_WARNED.add(key)
+def _traced_choice(traced_key: tuple) -> str:
+    """While tracing or capturing: ``triton`` if at least one plan of ``traced_key`` (the
+    same function, dtypes, devices, settings and options, any shapes) was decided eagerly and
+    every one passed, else ``torch`` (said once). Called as a constant by Dynamo: a decision
+    made later does not change a compiled graph, and makes it recompile nothing."""
+    found = [d for key, d in _DECISIONS.values() if key == traced_key]
+    if found and all(d.passed for d in found):
+        return "triton"
+    if traced_key not in _WARNED:
+        _WARNED.add(traced_key)
+        function, device = traced_key[0], _device_of(traced_key)
+        why = ("its triton kernels were not verified for such a call yet" if not found else
+               "its triton kernels failed the check for such a call")
         logger.warning(
-            "distill_fused: %s is traced (torch.compile) or captured (CUDA graph) before its "
-            "triton kernels were verified; it runs on the torch backend there (exact, "
-            "slower). Call the loss once eagerly with the same shapes before compiling or "
-            "capturing, and the verified triton backend is used.", description)
+            "distill_fused: %s on %s is traced (torch.compile) or captured (CUDA graph), and "
+            "%s: it runs on the torch backend there (exact, slower). Call the loss once "
+            "eagerly with the same dtypes and options before compiling or capturing, and "
+            "the verified triton backend is used.", FUNCTIONS.get(function, function), device,
+            why)
     return "torch"
+
+
+def _device_of(key: tuple) -> str:
+    for part in key[3]:
+        if isinstance(part, tuple) and part and part[0] == "tensor":
+            return part[2]
+    return "?"
 
 
 def verified(function: str, triton_fn: Callable, torch_fn: Callable, *,
@@ -277,57 +328,69 @@ def verified(function: str, triton_fn: Callable, torch_fn: Callable, *,
     ``strict``: a failed plan raises instead of running on ``torch_fn``."""
 
     def call(*args, **kwargs):
-        key = plan_key(function, args, kwargs)
         if tracing() or _capturing(args):
-            choice = _traced_choice(key, describe_plan(function, args, kwargs))
+            choice = _traced_choice(plan_key(function, args, kwargs, traced=True))
             if choice == "torch" and strict:
-                raise RuntimeError(_strict_message(
-                    _DECISIONS.get(key) or Decision("torch", describe_plan(
-                        function, args, kwargs), "not verified before tracing or capture")))
+                raise RuntimeError(f"distill_fused: backend='triton' with verify=True: "
+                                   f"{FUNCTIONS.get(function, function)} is traced or "
+                                   "captured before a check of such a call passed eagerly")
             return (triton_fn if choice == "triton" else torch_fn)(*args, **kwargs)
-        decision = _DECISIONS.get(key)
-        if decision is None:
-            decision = _decide(function, key, args, kwargs, triton_fn, torch_fn, strict)
+        key = plan_key(function, args, kwargs)
+        entry = _DECISIONS.get(key)
+        if entry is None:
+            with _LOCK:
+                entry = _DECISIONS.get(key)
+                if entry is None:
+                    decision = _decide(function, args, kwargs, triton_fn, torch_fn)
+                    entry = _DECISIONS[key] = (plan_key(function, args, kwargs, traced=True),
+                                               decision)
+        decision = entry[1]
         if decision.passed:
             return triton_fn(*args, **kwargs)
         if strict:
             raise RuntimeError(_strict_message(decision))
+        if key not in _WARNED:
+            _WARNED.add(key)
+            logger.warning("distill_fused: %s. Plan: %s. On %s. The auto backend uses the "
+                           "torch backend for this plan from now on: its results are exact, "
+                           "but slower.", decision.reason, decision.plan, versions(args))
         return torch_fn(*args, **kwargs)
 
     call.__name__ = call.__qualname__ = f"verified_{function}"
     return call
 
 
-def _decide(function, key, args, kwargs, triton_fn, torch_fn, strict) -> Decision:
+def _decide(function, args, kwargs, triton_fn, torch_fn) -> Decision:
+    """The check of a plan's first call (the module docstring). A failure of the triton run
+    decides ``torch``; running out of memory in the check decides nothing against triton (it
+    is trusted unchecked, said once); any other error of the torch runs or of the comparison
+    is raised: it is the call's (bad ``lengths`` on the device), or ours."""
     plan = describe_plan(function, args, kwargs)
+    dtype = compute_dtype(*args[:SIGNALS[function]])
     try:
         triton_run = _run(triton_fn, args, kwargs, None)
+    except OUT_OF_MEMORY:
+        return _unchecked(plan, args)
     except Exception as exc:  # noqa: BLE001 (any failure to compile or launch)
-        decision = Decision("torch", plan, f"the triton backend raised {type(exc).__name__}: "
-                            f"{_first_line(exc)}")
-    else:
-        try:
-            oracle_runs = (_run(torch_fn, args, kwargs, torch.float64),
-                           None if contract.compute_dtype_of(args) == torch.float64
-                           else _run(torch_fn, args, kwargs, None))
-            passed, errors = _compare(function, args, kwargs, triton_run, oracle_runs)
-        except Exception as exc:  # noqa: BLE001 (the check itself could not be made)
-            decision = Decision("torch", plan, "the triton backend could not be verified: the "
-                                f"torch backend's check raised {type(exc).__name__}: "
-                                f"{_first_line(exc)}")
-        else:
-            if passed:
-                decision = Decision("triton", plan, "verified against the torch backend",
-                                    errors)
-            else:
-                decision = Decision("torch", plan, "the triton backend's results differ from "
-                                    "the torch backend's: " + _worst(errors), errors)
-    _DECISIONS[key] = decision
-    if not decision.passed and not strict:
-        logger.warning("distill_fused: %s. Plan: %s. On %s. The auto backend uses the torch "
-                       "backend for this plan from now on: its results are exact, but slower.",
-                       decision.reason, plan, versions(args))
-    return decision
+        return Decision("torch", plan, f"the triton backend raised {type(exc).__name__}: "
+                        f"{_first_line(exc)}")
+    try:
+        oracle_runs = (_run(torch_fn, args, kwargs, torch.float64),
+                       None if dtype == torch.float64 else _run(torch_fn, args, kwargs, None))
+    except OUT_OF_MEMORY:
+        return _unchecked(plan, args)
+    passed, errors = _compare(function, dtype, args[0].device, triton_run, oracle_runs)
+    if passed:
+        return Decision("triton", plan, "verified against the torch backend", errors)
+    return Decision("torch", plan, "the triton backend's results differ from the torch "
+                    "backend's: " + _worst(errors), errors)
+
+
+def _unchecked(plan: str, args: Sequence) -> Decision:
+    logger.warning("distill_fused: %s: not enough device memory to check the triton backend "
+                   "against the torch backend; it computes the plan unchecked. On %s.", plan,
+                   versions(args))
+    return Decision("triton", plan, "not verified: out of memory during the check")
 
 
 def _worst(errors: Dict[str, Tuple[float, float]], shown: int = 4) -> str:

@@ -11,27 +11,21 @@ the same places. Bounds:
   float32 rounding of small magnitudes in the log-magnitude term alone costs up to some 1e-2
   on realistic data; a backend may be better than that, never much worse.
 
-``selfcheck`` (``python -m distill_fused``) and ``verification`` (``auto``'s check of the
-triton backend) hold results to these bounds; the tests hold them to the same, with auraloss
-itself as the oracle.
+``verification`` (``auto``'s check of the triton backend) holds results to these bounds;
+``selfcheck`` (``python -m distill_fused``) and the tests hold float32 losses to a flat 1e-5
+(with the phase term, to max(1e-5, 2 e): docs/testing.md) and gradients to the same rule, with
+auraloss itself as the oracle.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 LOSS_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 GRAD_TOLERANCE_FLOAT64 = 1e-8
 GRAD_FLOOR_FLOAT32 = 1e-3
-
-
-def compute_dtype_of(args: Sequence) -> torch.dtype:
-    """float64 if any tensor argument is float64, else float32 (half precision is computed in
-    float32)."""
-    return torch.float64 if any(isinstance(a, torch.Tensor) and a.dtype == torch.float64
-                                for a in args) else torch.float32
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -51,7 +45,10 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _bound(floor: float, own_error: Optional[torch.Tensor], like: torch.Tensor
            ) -> torch.Tensor:
     bound = torch.full((), floor, dtype=torch.float64, device=like.device)
-    return bound if own_error is None else torch.maximum(bound, 2 * own_error)
+    if own_error is None:
+        return bound
+    # An implementation that overflows where the oracle does not widens nothing.
+    return torch.where(torch.isfinite(own_error), torch.maximum(bound, 2 * own_error), bound)
 
 
 def value_tolerance(dtype: torch.dtype, own_error: Optional[torch.Tensor],

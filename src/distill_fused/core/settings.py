@@ -78,6 +78,15 @@ class MRSTFTSettings:
     # Per-device derived tensors (padded windows, ...) so that a step makes no host copies.
     cache: dict = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        # What the loss is planned from, as one string (a constant to torch.compile, which may
+        # make the floats above symbolic): what tells two settings' kernels apart.
+        parts = (tuple((r.n_fft, r.hop, r.win_length) for r in self.resolutions), self.w_sc,
+                 self.w_log_mag, self.w_lin_mag, self.eps, self.resolution_weights, self.w_phs,
+                 self.mag_distance, self.scale, self.sample_rate, self.n_bins,
+                 self.perceptual_weighting, self.scale_invariance)
+        object.__setattr__(self, "signature", repr(parts))
+
     @property
     def weighted_resolutions(self) -> bool:
         """Whether a resolution weight differs from 1 (only the per-example path computes
