@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-REPS = {"smoke": 300, "user": 20, "long": 7, "user-padded-none": 7}
+REPS = {"smoke": 300, "user": 20, "long": 7, "user-padded-none": 7, "dac-mel": 5}
 
 
 def measure(provider: str, cases) -> dict:

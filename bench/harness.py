@@ -4,12 +4,14 @@ A provider turns a batch into a ``step()`` that runs one forward+backward of
 ``compute_combined_loss``. Timing: CUDA events after warm-up on a GPU, ``perf_counter`` through
 pytest-benchmark on the CPU; medians in both. Peak extra memory: the CUDA allocator's peak on a
 GPU; on a CPU, the peak of the running sum of the profiler's allocation events. Launches:
-kernels per step counted by the
-profiler on a GPU (none on a CPU).
+kernels per step counted by the profiler on a GPU (none on a CPU); for the ``torch``
+provider also the kernels it asks for per step (``count_dispatched_launches``: what an MPS
+device launches).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -257,6 +259,35 @@ def count_launches(step: Callable[[], None], dev: torch.device) -> Optional[int]
         step()
         torch.cuda.synchronize()
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def count_dispatched_launches(step: Callable[[], None], dev: torch.device) -> int:
+    """Kernels one step of the ``torch`` backend asks the device for: the aten ops it
+    dispatches that launch one (``tests/aten_launches.py``: views and allocations left out).
+    On MPS each is a launch (no CUDA graphs, no fusion); on a CPU the step takes MPS's
+    branches (``core/devices.py``), so the count is the one a Mac sees."""
+    import sys
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from distill_fused.core.devices import emulated
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from aten_launches import launches_kernel
+
+    class Counting(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counting.count += launches_kernel(func)
+            return func(*args, **(kwargs or {}))
+
+    like_mps = emulated("cpu", like="mps") if dev.type == "cpu" else contextlib.nullcontext()
+    with like_mps:
+        step()  # what the first step makes once (windows, plans) is not counted
+        with Counting():
+            step()
+    return Counting.count
 
 
 def write_results(rows: List[Dict], dev: torch.device, kernel_rows: List[Dict] = ()) -> Path:

@@ -38,6 +38,8 @@ def test_forward_backward(benchmark, results, case_name, provider):
         "median_ms": round(median_ms, 4),
         "peak_mem_mb": _rounded(harness.peak_memory_mb(step, DEVICE)),
         "launches": harness.count_launches(step, DEVICE),
+        "dispatched_launches": (harness.count_dispatched_launches(step, DEVICE)
+                                if provider == "torch" else None),
     })
 
 
