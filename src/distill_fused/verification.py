@@ -30,9 +30,9 @@ Later calls of the plan only look the decision up: no sync, no extra work. While
 ``torch.compile`` traces (or under a fake-tensor mode) or a CUDA graph is being captured,
 nothing can be checked, and shapes and numbers may be symbolic: the decisions made eagerly
 for the same function, dtypes, devices, ranks, settings and options (any shapes, any weights)
-are followed when there is at least one and every one passed; otherwise the call runs on ``torch`` (exact,
-slower), and a WARNING says so once, with the remedy: one eager call before compiling or
-capturing.
+are followed when there is at least one and every one passed; otherwise the call runs on
+``torch`` (exact, slower), and a WARNING says so once, with the remedy: one eager call before
+compiling or capturing.
 
 ``strict`` (``backend="triton"`` with ``verify=True``): the same check, but a plan that fails
 it raises ``RuntimeError`` (every call of it), and nothing is replaced.
