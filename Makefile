@@ -29,19 +29,20 @@ lint: $(VENV)/.installed
 
 # The linter first; then the two suites side by side once both environments exist (set up one
 # after the other): each pytest keeps about one core busy (the Triton interpreter is
-# single-threaded). Their progress shows as it goes: each line of either suite as it ends,
-# headed by its Triton's version (pytest's dots, a line per 72 tests, with the percentage).
+# single-threaded). Their progress shows as it goes: each line of either suite as it ends
+# (unbuffered, and not held back by make), headed by its Triton's version (pytest's dots, a
+# line per 72 tests, with the percentage).
 test: lint $(VENV36)/.installed
-	@echo "the suite under Triton 3.9 and under Triton 3.6, side by side (about 10 minutes on a quiet 2-core machine)"
-	$(MAKE) --no-print-directory -j2 --output-sync=line test-triton39 test-triton36
+	@echo "the suite under Triton 3.9 and under Triton 3.6, side by side (10 to 25 minutes on a quiet 2-core machine)"
+	$(MAKE) --no-print-directory -j2 test-triton39 test-triton36
 
 test-triton39: $(VENV)/.installed
-	$(PY) -m pytest -q tests 2>&1 | sed -u 's/^/[triton 3.9] /'
+	$(PY) -u -m pytest -q tests 2>&1 | sed -u 's/^/[triton 3.9] /'
 
 # Without the cache plugin: the two runs would write .pytest_cache at once. Under Triton 3.6
 # the tests run once per backend run for triton only (the other backends do not touch Triton).
 test-triton36: $(VENV36)/.installed
-	$(PY36) -m pytest -q -p no:cacheprovider --only-backend triton tests 2>&1 | sed -u 's/^/[triton 3.6] /'
+	$(PY36) -u -m pytest -q -p no:cacheprovider --only-backend triton tests 2>&1 | sed -u 's/^/[triton 3.6] /'
 
 # Writes bench/results/<device>.json (this device's latest run), then renders every results
 # file into bench/RESULTS.md, bench/speedup.png and the README's tables, and lists which of

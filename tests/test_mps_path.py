@@ -28,6 +28,9 @@ from distill_fused.core.devices import emulated
 from mps_known_failures import KNOWN_FAILURES
 from mps_ops import DispatchRecorder, MPSKernels
 
+# Nothing here runs Triton: under Triton 3.6 (make test's second suite) it is not run again.
+pytestmark = pytest.mark.triton_free
+
 MPS_DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
                                      ids=["f32", "bf16", "f16"])
 NO_MPS_DTYPES = {torch.float64, torch.complex128}
