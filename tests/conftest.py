@@ -28,22 +28,21 @@ LOSS_KEYS = ("total_loss", "stft_loss", "mag_recon_loss", "if_recon_loss", "kl_l
 FAST_BACKENDS = [b for b in ("torch", "triton") if b in available_backends("cpu")]
 
 
-def _interpreter_without_overflow_checks():
-    """Triton's interpreter checks every 32-bit integer add, subtract and multiply for
-    overflow (six more interpreted operations each; compiled code checks nothing unless built
-    with debug=True). The kernels' 32-bit index math (WIDE false) is bounded by
-    ``kernels._common.INDEX_LIMIT`` on the host, and the test shapes lie far below it: the
-    checks would only make the suite some three times slower."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    import dataclasses
+def _faster_interpreter_here_and_in_every_process_the_tests_start():
+    """``tests/site/sitecustomize.py`` (its docstring): applied to this process, and put on
+    the ``PYTHONPATH`` of the processes the tests start (the CLI, the docs' examples, the
+    host application), which Python then runs it in."""
+    import importlib.util
 
-    from triton.runtime import interpreter
-    builder = interpreter.interpreter_builder
-    builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
+    site = os.path.join(os.path.dirname(os.path.abspath(__file__)), "site")
+    spec = importlib.util.spec_from_file_location("distill_tests_site",
+                                                  os.path.join(site, "sitecustomize.py"))
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [site,
+                                                             os.environ.get("PYTHONPATH")]))
 
 
-_interpreter_without_overflow_checks()
+_faster_interpreter_here_and_in_every_process_the_tests_start()
 
 # Parameters naming the backend a test runs (a test's own, or its fixture's).
 BACKEND_PARAMETERS = ("backend", "host_runs")

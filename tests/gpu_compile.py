@@ -22,7 +22,7 @@ What it does:
 3. Each compiled kernel is read (``compiled_kernels.py``): registers, stack frame and spills
    from ptxas's own log (Triton prints it when it assembles a kernel), registers again from the
    binary (``cuobjdump -res-usage``), shared memory and warps from Triton's metadata, SASS
-   instructions (``cuobjdump -sass``), 64-bit integer divisions (PTX ``div``/``rem``
+   instructions (from the binary's section sizes), 64-bit integer divisions (PTX ``div``/``rem``
    ``.s64``/``.u64``, which ptxas turns into calls to a division routine).
 4. Registration and tracing in GPU mode: every op is a ``triton_op``; each op's outputs
    under fake tensors (what torch.compile sees) equal its eager outputs in shape, dtype and

@@ -130,6 +130,15 @@ def test_ptxas_account_is_the_binarys(report):
         assert row["ptxas_registers"] == row["registers"], _name(row)
 
 
+def test_sass_count_is_cuobjdumps(report):
+    """The SASS instructions read from the binary's section sizes are those ``cuobjdump -sass``
+    lists (checked on one specialization per architecture: the listing takes 0.7 s each)."""
+    for arch in report["archs"]:
+        listed = [row for row in _compiled(report) if row["arch"] == arch and "sass_listed" in row]
+        assert len(listed) == 1, arch
+        assert listed[0]["sass_instructions"] == listed[0]["sass_listed"] > 0, _name(listed[0])
+
+
 def test_registers_within_budget(report):
     over = []
     for row in _compiled(report):

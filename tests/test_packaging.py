@@ -12,6 +12,7 @@ from email.parser import Parser
 from pathlib import Path
 
 import pytest
+import torch
 
 import distill_fused
 
@@ -145,3 +146,27 @@ def test_the_package_and_the_torch_backend_work_without_triton():
     assert "blocked by the test" in run.stdout  # the reason is the import error
     # auto says why it chose torch (a debug message, once for two calls)
     assert run.stderr.count("loss backend auto -> torch: cpu tensors") == 1, run.stderr
+
+
+_IMPORTS = """
+import sys, torch
+before = set(sys.modules)
+import distill_fused
+print(sorted(name for name in set(sys.modules) - before
+             if name.split(".")[0] in ("torch", "triton")))
+"""
+
+
+def test_importing_the_package_loads_no_dynamo():
+    """A training script pays for what it uses: importing ``distill_fused`` imports no
+    ``torch._dynamo`` (2.5 s here; the verified dispatch needs it only while torch.compile
+    traces, when it is loaded already), and, where the triton backend cannot run (a CPU
+    build of torch, no interpreter), no Triton."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _IMPORTS], capture_output=True, text=True,
+                         env=env)
+    assert run.returncode == 0, run.stderr
+    loaded = eval(run.stdout)
+    assert not [m for m in loaded if m.startswith("torch._dynamo")], loaded
+    if torch.version.cuda is None:
+        assert not [m for m in loaded if m.split(".")[0] == "triton"], loaded

@@ -292,12 +292,12 @@ def _capturing(args: Sequence) -> bool:
         torch.cuda.is_current_stream_capturing()
 
 
-@torch.compiler.assume_constant_result
 def _traced_choice(traced_key: tuple) -> str:
     """While tracing or capturing: ``triton`` if at least one plan of ``traced_key`` (the
     same function, dtypes, devices, settings and options, any shapes) was decided eagerly and
-    every one passed, else ``torch`` (said once). Called as a constant by Dynamo: a decision
-    made later does not change a compiled graph, and makes it recompile nothing."""
+    every one passed, else ``torch`` (said once). Called as a constant by Dynamo (marked so by
+    ``verified``): a decision made later does not change a compiled graph, and makes it
+    recompile nothing."""
     found = [d for key, d in _DECISIONS.values() if key == traced_key]
     if found and all(d.passed for d in found):
         return "triton"
@@ -326,6 +326,9 @@ def verified(function: str, triton_fn: Callable, torch_fn: Callable, *,
              strict: bool = False) -> Callable:
     """``triton_fn`` verified against ``torch_fn`` once per plan (the module docstring);
     ``strict``: a failed plan raises instead of running on ``torch_fn``."""
+    # Marked here, not where it is defined: the mark imports Dynamo (2.5 s), which a package
+    # import must not pay for.
+    torch.compiler.assume_constant_result(_traced_choice)
 
     def call(*args, **kwargs):
         if tracing() or _capturing(args):
