@@ -24,6 +24,7 @@ from conftest import (
     tiny_config,
 )
 from distill_fused import MultiResolutionSTFTLoss, compute_combined_loss, verification
+from distill_fused.core import contract
 from distill_fused.core.devices import emulated
 
 pytestmark = requires_triton
@@ -182,9 +183,32 @@ def test_a_faulty_kernel_is_replaced_by_the_torch_backend_with_one_warning(
     _assert_equal(second, _step(_batch(seed + 1), kl_weight=0.2, backend="torch"))
 
 
+def _accurate_in_float32(seed):
+    """The first batch from ``seed`` on, in order, on which float32 itself is accurate: the
+    oracle's float32 gradients within half the contract's floor of its float64 ones, so that
+    the bound on every gradient is the floor (1e-3), which an offset of 1e-3 passes. Elsewhere
+    the bound widens with float32's own error: on a rare batch (seed 106722512967245) an STFT
+    bin near auraloss's magnitude clamp puts the float32 oracle's d stft_loss/d recon 58% off
+    its float64 one, and no float32 implementation can be held closer than that."""
+    for candidate in range(seed, seed + 100):
+        batch = _batch(candidate)
+        grads = {}
+        for dtype in (torch.float64, torch.float32):
+            leaves = [t.to(dtype) for t in leaf_copies(batch, grad_target=False)]
+            leaves = [t.detach().requires_grad_(i != 1) for i, t in enumerate(leaves)]
+            out = compute_combined_loss(*leaves, tiny_config(), kl_weight=0.1,
+                                        backend="reference")
+            grads[dtype] = torch.autograd.grad(out["total_loss"], [leaves[0], *leaves[2:]])
+        if all(rel_err(g32, g64) < contract.GRAD_FLOOR_FLOAT32 / 2
+               for g32, g64 in zip(grads[torch.float32], grads[torch.float64])):
+            return batch
+    raise AssertionError(f"no batch from seed {seed} on is accurate in float32")
+
+
 def test_an_off_by_1e3_gradient_is_reported_with_its_error(like_cuda, inject, seed):
+    batch = _accurate_in_float32(seed)
     inject(BACKWARD, "offset")
-    _step(_batch(seed))
+    _step(batch)
     [decision] = verification.decisions()
     failed = {name for name, (e, t) in decision.errors.items() if e > t}
     assert {"d total_loss/d recon", "d total_loss/d mu", "d total_loss/d logvar"} <= failed
