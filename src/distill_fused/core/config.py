@@ -25,7 +25,9 @@ def as_weight(owner: str, name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{owner}.{name} must be a real number, got {value!r}")
     value = float(value)
-    if not math.isfinite(value) or value < 0:
+    # Comparisons, not math.isfinite (NaN fails them too): under torch.compile(dynamic=True) a
+    # config's float is symbolic, and comparisons trace where math.isfinite cannot.
+    if not 0 <= value < math.inf:
         raise ValueError(f"{owner}.{name} must be finite and >= 0, got {value!r}")
     return value
 
