@@ -27,22 +27,23 @@ demo: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 
-# The linter first; then the two suites side by side once both environments exist (set up one
-# after the other): each pytest keeps about one core busy (the Triton interpreter is
-# single-threaded). Their progress shows as it goes: each line of either suite as it ends
-# (unbuffered, and not held back by make), headed by its Triton's version (pytest's dots, a
-# line per 72 tests, with the percentage).
+# The linter first; then the suite under the newest Triton (3.9) and, beside it, its kernel tests
+# (the `kernels` marker: their numerics against the oracle, their GPU compile) under the GPU
+# image's Triton (3.6), once both environments exist (set up one after the other). The first
+# runs in two worker processes (pytest-xdist, a file to a worker), the second in one: the
+# three share the two cores, and the Triton interpreter is single-threaded. Progress shows as
+# it goes, each line headed by its Triton's version (unbuffered, not held back by make).
 test: lint $(VENV36)/.installed
-	@echo "the suite under Triton 3.9 and under Triton 3.6, side by side (10 to 25 minutes on a quiet 2-core machine)"
+	@echo "the suite under Triton 3.9 and its kernel tests under Triton 3.6, side by side (about 12 minutes on a quiet 2-core machine)"
 	$(MAKE) --no-print-directory -j2 test-triton39 test-triton36
 
 test-triton39: $(VENV)/.installed
-	$(PY) -u -m pytest -q tests 2>&1 | sed -u 's/^/[triton 3.9] /'
+	$(PY) -u -m pytest -q -n 2 --dist loadfile tests 2>&1 | sed -u 's/^/[triton 3.9] /'
 
-# Without the cache plugin: the two runs would write .pytest_cache at once. Under Triton 3.6
-# the tests run once per backend run for triton only (the other backends do not touch Triton).
+# Without the cache plugin: the two runs would write .pytest_cache at once. Of the tests run
+# once per backend, only triton's (the other backends do not touch Triton).
 test-triton36: $(VENV36)/.installed
-	$(PY36) -u -m pytest -q -p no:cacheprovider --only-backend triton tests 2>&1 | sed -u 's/^/[triton 3.6] /'
+	$(PY36) -u -m pytest -q -p no:cacheprovider -m kernels --only-backend triton tests 2>&1 | sed -u 's/^/[triton 3.6] /'
 
 # Writes bench/results/<device>.json (this device's latest run), then renders every results
 # file into bench/RESULTS.md, bench/speedup.png and the README's tables, and lists which of

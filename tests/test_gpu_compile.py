@@ -22,6 +22,8 @@ import compiled_kernels  # noqa: E402  (tests/ is on sys.path: pytest's rootdir-
 import gpu_compile  # noqa: E402
 from conftest import FAST_BACKENDS, make_batch  # noqa: E402
 
+pytestmark = pytest.mark.kernels
+
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = ROOT / "bench" / "results"
 

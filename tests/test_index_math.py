@@ -20,7 +20,7 @@ triton = pytest.importorskip("triton", reason="Triton is not installed")
 tl = triton.language
 from distill_fused.kernels._common import INDEX_LIMIT, divide, magic  # noqa: E402
 
-pytestmark = requires_triton
+pytestmark = [requires_triton, pytest.mark.kernels]
 
 
 def _divisors_and_numerators(seed):

@@ -13,6 +13,8 @@ from conftest import (
     with_and_without_target_grad,
 )
 
+pytestmark = pytest.mark.kernels
+
 DEVICES = [pytest.param("cpu", marks=requires_triton), pytest.param("cuda", marks=cuda_marks())]
 
 triton = pytest.importorskip("triton", reason="Triton is not installed")

@@ -26,6 +26,8 @@ from distill_fused import (
     vae_loss,
 )
 
+pytestmark = pytest.mark.kernels
+
 B, H, W, D = 3, 6, 37, 5
 # Odd sizes: a hop that divides neither FFT size, a window shorter than its FFT.
 STFT = dict(fft_sizes=(16, 30), hop_sizes=(4, 7), win_lengths=(16, 25))

@@ -7,7 +7,7 @@ import torch
 from conftest import assert_matches_oracle, make_batch, requires_triton
 from distill_fused import MultiResolutionSTFTLoss
 
-pytestmark = requires_triton
+pytestmark = [requires_triton, pytest.mark.kernels]
 
 
 @pytest.fixture

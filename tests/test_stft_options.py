@@ -18,6 +18,8 @@ from distill_fused import ChromaSTFTLoss, MelSTFTLoss, MultiResolutionSTFTLoss, 
 from distill_fused.backends.reference import PerSignalScaleSTFTLoss
 from distill_fused.core.filterbanks import mel_filterbank
 
+pytestmark = pytest.mark.kernels
+
 try:
     import librosa
 except ImportError:
